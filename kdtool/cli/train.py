@@ -1,0 +1,73 @@
+"""`kdtool distill`, `kdtool run` and `kdtool recipe check`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kdtool.cli.common import debug_option, handle_errors, read_recipe, recipe_options, set_option
+from kdtool.recipe import dump_recipe, load_recipe
+
+
+@click.command()
+@recipe_options
+@handle_errors
+def distill(recipe_path, overrides, seed, out, resume, overwrite, progress):
+    """Distil the student of RECIPE (training the teacher first when the recipe names no weights).
+
+    \b
+    Examples:
+        kdtool distill recipes/quickstart.yaml
+        kdtool distill recipes/quickstart.yaml --set method.name=kd --out runs/kd
+        accelerate launch --num_processes 8 -m kdtool.cli distill recipes/imagenet_r50_mbv2.yaml
+    """
+    from kdtool.train import distill as run_distill
+
+    recipe = read_recipe(recipe_path, overrides, seed)
+    run_dir = out or Path("runs") / recipe.name
+    summary = run_distill(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    for role in ("teacher", "student"):
+        metrics = summary.get(role)
+        if metrics:
+            shown = ", ".join(f"{k.removeprefix('val_')}={v:.2f}" for k, v in metrics.items()
+                              if k.startswith("val_") and isinstance(v, float))
+            click.echo(f"{role}: best epoch {metrics['epoch']}: {shown}")
+    click.echo(f"run directory: {summary['run_dir']}")
+
+
+@click.command()
+@recipe_options
+@handle_errors
+def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
+    """Run every stage RECIPE enables: distil, then export and bench where enabled.
+
+    \b
+    Example:
+        kdtool run recipes/quickstart.yaml
+    """
+    from kdtool.train import distill as run_distill
+
+    recipe = read_recipe(recipe_path, overrides, seed)
+    run_dir = out or Path("runs") / recipe.name
+    summary = run_distill(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+    _print_summary(summary)
+
+
+@click.group()
+def recipe():
+    """Inspect recipes."""
+
+
+@recipe.command("check")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@set_option
+@debug_option
+@handle_errors
+def recipe_check(recipe_path, overrides):
+    """Validate RECIPE and print it resolved (defaults filled in, overrides and ${ENV} applied)."""
+    click.echo(dump_recipe(load_recipe(recipe_path, overrides)), nl=False)
+
