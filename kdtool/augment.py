@@ -21,6 +21,7 @@ and uses row ``v*B + i`` of the :class:`JDAParams` (view-major).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -87,16 +88,18 @@ POLICIES: Registry[Policy] = Registry("JDA policy", {
 
 
 # ---------------------------------------------------------------- ops on the 0..255 scale
-# Every op takes x (n, C, H, W) float32 holding integers 0..255, the magnitude and the
-# per-row sign (n,) and returns integers 0..255 of the same shape. x is a scratch copy that
-# the op may overwrite: in-place ops avoid large temporaries, which dominate the CPU cost.
+# Every op takes x (n, C, H, W) float32 holding integers 0..255, the magnitude and the sign
+# (±1.0, shared by the n rows) and returns integers 0..255 of the same shape. x is a scratch
+# buffer that the op may overwrite: in-place ops avoid large temporaries, which dominate the
+# CPU cost. Geometric ops are gathers along the flattened pixels with index maps that depend
+# only on (size, magnitude, sign), built once and cached.
 
-def _factor(m: float, sign: torch.Tensor) -> torch.Tensor:
+def _factor(m: float, sign: float) -> float:
     # Pillow receives the factor as a C float: round the double 1 ± m to float32 once.
-    return (1.0 + m * sign.double()).float().view(-1, 1, 1, 1)
+    return torch.tensor(1.0 + m * sign, dtype=torch.float64).float().item()
 
 
-def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _blend(degenerate, x: torch.Tensor, factor: float) -> torch.Tensor:
     """Image.blend(degenerate, x, factor) in place in x: float32 arithmetic, truncated, clipped."""
     return x.sub_(degenerate).mul_(factor).add_(degenerate).floor_().clamp_(0, 255)
 
@@ -105,38 +108,47 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     """Pillow's RGB -> L (ITU-R 601-2, 16-bit fixed point, rounded); (n, 1, H, W)."""
     if x.shape[1] == 1:
         return x
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    # The products and sum are integers below 2**24, so float32 is exact here.
-    return torch.div(r * 19595 + g * 38470 + b * 7471 + 32768, 65536, rounding_mode="floor")
+    # The products and sums are integers below 2**24, so float32 is exact in any order.
+    luma = x[:, 0:1] * 19595
+    luma.add_(x[:, 1:2], alpha=38470).add_(x[:, 2:3], alpha=7471).add_(32768)
+    return luma.div_(65536).floor_()
+
+
+def _lut_index(x: torch.Tensor) -> torch.Tensor:
+    """x's values offset by 256 * (row, channel): flat indices into an (n * C, 256) table."""
+    n, c = x.shape[:2]
+    offsets = torch.arange(0, n * c * 256, 256, device=x.device, dtype=torch.int32).view(-1, 1)
+    return x.reshape(n * c, -1).to(torch.int32).add_(offsets).view(-1)
+
+
+def _apply_lut(lut: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-(row, channel) LUTs (n * C, 256) applied through the flat index of `_lut_index`."""
+    return lut.float().view(-1).index_select(0, index).view_as(x)
 
 
 def _autocontrast(x, m, sign):
     n, c = x.shape[:2]
-    flat = x.reshape(n * c, -1)
-    lo, hi = flat.amin(1).double(), flat.amax(1).double()
-    span = hi - lo
+    lo, hi = x.reshape(n * c, -1).aminmax(dim=1)
+    lo, span = lo.double(), (hi - lo).double()
     # A true division (255.0 / tensor would multiply by a reciprocal and round differently).
     scale = torch.full_like(span, 255.0) / span.clamp(min=1)
     # The LUT in float64, as ImageOps.autocontrast computes int(ix * scale + offset).
     ix = torch.arange(256, dtype=torch.float64, device=x.device)
     lut = (ix * scale[:, None] - lo[:, None] * scale[:, None]).trunc().clamp(0, 255)
-    lut = torch.where(span[:, None] > 0, lut, ix).float()
-    return lut.gather(1, flat.long()).view_as(x)
+    return _apply_lut(torch.where(span[:, None] > 0, lut, ix), _lut_index(x), x)
 
 
 def _equalize(x, m, sign):
     n, c = x.shape[:2]
-    idx = x.reshape(n * c, -1).long()
-    hist = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device)
-    hist.scatter_add_(1, idx, torch.ones_like(idx))
+    index = _lut_index(x)
+    hist = torch.bincount(index, minlength=n * c * 256).view(n * c, 256)
     nonzero = hist > 0
     last = 255 - nonzero.flip(1).int().argmax(1, keepdim=True)
     step = (hist.sum(1, keepdim=True) - hist.gather(1, last)) // 255
     below = hist.cumsum(1) - hist
     lut = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
     identity = (nonzero.sum(1, keepdim=True) <= 1) | (step == 0)
-    lut = torch.where(identity, torch.arange(256, device=x.device), lut)
-    return lut.gather(1, idx).view_as(x).float()
+    return _apply_lut(torch.where(identity, torch.arange(256, device=x.device), lut), index, x)
 
 
 def _posterize(x, bits, sign):
@@ -145,7 +157,7 @@ def _posterize(x, bits, sign):
 
 
 def _solarize(x, threshold, sign):
-    return torch.where(x < threshold, x, 255 - x)
+    return torch.where(x < threshold, x, 255 - x, out=x)
 
 
 def _invert(x, m, sign):
@@ -154,42 +166,60 @@ def _invert(x, m, sign):
 
 def _contrast(x, m, sign):
     luma = _luma(x)
-    count = luma[0].numel()
-    mean = (luma.reshape(len(x), -1).long().sum(1).double() / count + 0.5).floor()
+    mean = (luma.sum((1, 2, 3), dtype=torch.float64) / luma[0].numel() + 0.5).floor()
     return _blend(mean.float().view(-1, 1, 1, 1), x, _factor(m, sign))
 
 
 def _brightness(x, m, sign):
-    return _blend(0.0, x, _factor(m, sign))
+    return x.mul_(_factor(m, sign)).floor_().clamp_(0, 255)  # blend with black
 
 
 def _color(x, m, sign):
     if x.shape[1] == 1:  # Pillow: the degenerate of an L image is the image itself
         return x
-    return _blend(_luma(x).expand_as(x), x, _factor(m, sign))
+    return _blend(_luma(x), x, _factor(m, sign))
 
 
 def _sharpness(x, m, sign):
+    h, w = x.shape[2:]
+    if h < 3 or w < 3:
+        return x
+    # ImageFilter.SMOOTH (3x3 ones, centre 5, / 13), rounded: a box sum plus 4x the centre
+    # (integer sums, exact). Pillow leaves the one-pixel border as it is, and blending a pixel
+    # with itself is the identity, so only the interior changes.
+    across = x[:, :, :, :-2] + x[:, :, :, 1:-1] + x[:, :, :, 2:]
+    interior = x[:, :, 1:-1, 1:-1]
+    smooth = (across[:, :, :-2] + across[:, :, 1:-1]).add_(across[:, :, 2:]).add_(interior, alpha=4)
+    smooth.div_(13).add_(0.5).floor_()
+    _blend(smooth, interior, _factor(m, sign))
+    return x
+
+
+@dataclass(frozen=True)
+class _PixelMap:
+    """out.flat[..., i] = x.flat[..., index[i]] (or grey where `outside`), i over H * W."""
+
+    index: torch.Tensor  # int64 (H * W,)
+    outside: torch.Tensor  # bool (H, W)
+
+
+def _nearest_map(iy: torch.Tensor, ix: torch.Tensor, h: int, w: int) -> _PixelMap:
+    iy, ix = torch.broadcast_tensors(iy, ix)
+    outside = (ix < 0) | (ix >= w) | (iy < 0) | (iy >= h)
+    return _PixelMap((iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).flatten(), outside)
+
+
+def _remap(x: torch.Tensor, pixel_map: _PixelMap) -> torch.Tensor:
     n, c, h, w = x.shape
-    degenerate = x.clone()  # blended into x below, so it cannot alias x
-    if h >= 3 and w >= 3:
-        # ImageFilter.SMOOTH, rounded; Pillow leaves the one-pixel border as it is.
-        kernel = x.new_tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]).expand(c, 1, 3, 3)
-        degenerate[:, :, 1:-1, 1:-1] = (F.conv2d(x, kernel, groups=c) / 13 + 0.5).floor()
-    return _blend(degenerate, x, _factor(m, sign))
+    out = x.reshape(n * c, h * w).index_select(1, pixel_map.index).view_as(x)
+    return out.masked_fill_(pixel_map.outside, _GREY)
 
 
-def _centres(size: int, device) -> torch.Tensor:
-    return torch.arange(size, device=device, dtype=torch.float32) + 0.5
-
-
-def _gather_nearest(x: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor) -> torch.Tensor:
-    """out[.., y, x] = x[.., iy, ix] for integer source maps (n or 1, H, W); grey outside."""
-    n, ch, h, w = x.shape
-    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    flat = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).long().expand(n, h, w)
-    out = x.reshape(n, ch, h * w).gather(2, flat.reshape(n, 1, h * w).expand(n, ch, h * w))
-    return torch.where(inside.unsqueeze(1), out.view_as(x), _GREY)
+@functools.lru_cache(maxsize=64)
+def _translate_map(axis: int, h: int, w: int, shift: int, device: torch.device) -> _PixelMap:
+    ix = torch.arange(w, device=device).view(1, w)
+    iy = torch.arange(h, device=device).view(h, 1)
+    return _nearest_map(iy, ix + shift, h, w) if axis == 0 else _nearest_map(iy + shift, ix, h, w)
 
 
 def _translate(axis: int):
@@ -198,21 +228,15 @@ def _translate(axis: int):
     Pillow reads the input pixel floor(i + 0.5 + t) for output pixel i (its scaling path).
     """
     def op(x, m, sign):
-        n, _, h, w = x.shape
-        shift = (0.5 + m * (w if axis == 0 else h) * sign.double()).floor().long().view(n, 1, 1)
-        ix = torch.arange(w, device=x.device).view(1, 1, w)
-        iy = torch.arange(h, device=x.device).view(1, h, 1)
-        return _gather_nearest(x, ix + shift, iy) if axis == 0 else _gather_nearest(x, ix, iy + shift)
+        h, w = x.shape[2:]
+        shift = math.floor(0.5 + m * (w if axis == 0 else h) * sign)
+        return _remap(x, _translate_map(axis, h, w, shift, x.device))
     return op
 
 
-def _rotate(x, degrees, sign):
-    """Image.rotate(degrees) (counter-clockwise about the centre, NEAREST), grey fill.
-
-    Uses the matrix Image.rotate builds and the 16.16 fixed-point arithmetic of Pillow's
-    affine_fixed, so the source pixel of every output pixel is the same as Pillow's.
-    """
-    h, w = x.shape[2:]
+@functools.lru_cache(maxsize=64)
+def _rotate_map(degrees: float, h: int, w: int, device: torch.device) -> _PixelMap:
+    """The matrix Image.rotate builds, in the 16.16 fixed point of Pillow's affine_fixed."""
     angle = -math.radians(degrees)
     a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
     d, e = -b, a
@@ -223,54 +247,129 @@ def _rotate(x, degrees, sign):
     def fix(v: float) -> int:
         return math.floor(v * 65536.0 + 0.5)
 
-    xs = torch.arange(w, device=x.device, dtype=torch.int64).view(1, 1, w)
-    ys = torch.arange(h, device=x.device, dtype=torch.int64).view(1, h, 1)
+    xs = torch.arange(w, device=device, dtype=torch.int64).view(1, w)
+    ys = torch.arange(h, device=device, dtype=torch.int64).view(h, 1)
     ix = (fix(c + a * 0.5 + b * 0.5) + ys * fix(b) + xs * fix(a)) >> 16
     iy = (fix(f + d * 0.5 + e * 0.5) + ys * fix(e) + xs * fix(d)) >> 16
-    return _gather_nearest(x, ix, iy)
+    return _nearest_map(iy, ix, h, w)
 
 
-def _shear(axis: int):
-    """Shear along x (axis 0) or y (axis 1), as Image.transform(AFFINE, BICUBIC, grey fill).
+def _rotate(x, degrees, sign):
+    """Image.rotate(degrees) (counter-clockwise about the centre, NEAREST), grey fill."""
+    h, w = x.shape[2:]
+    return _remap(x, _rotate_map(degrees, h, w, x.device))
 
-    The input point of an output pixel centre stays on a pixel centre across the shear axis,
-    so Pillow's bicubic (a = -1, clamped neighbours, truncated) reduces to 1-D along it.
-    Computed in float64 like Pillow, so that truncation lands on the same integer.
-    """
-    def op(x, m, sign):
-        n, ch, h, w = x.shape
-        x = x.double()
-        s = (m * sign.double()).view(n, 1, 1)
-        ys = _centres(h, x.device).double().view(1, h, 1)
-        xs = _centres(w, x.device).double().view(1, 1, w)
-        src, size, dim = (xs + s * ys, w, 3) if axis == 0 else (ys + s * xs, h, 2)
-        inside = (src >= 0) & (src < size)
-        pos = src - 0.5
-        base = pos.floor()
-        frac = (pos - base).unsqueeze(1)
-        v1, v2, v3, v4 = (
-            x.gather(dim, (base + k).clamp(0, size - 1).long().unsqueeze(1).expand_as(x))
-            for k in (-1, 0, 1, 2)
-        )
-        # Pillow's Horner form; the p's are small integers, hence exact in any order.
-        p4 = (v2 - v1).add_(v4).sub_(v3)
+
+@dataclass(frozen=True)
+class _ShearPlan:
+    """A horizontal shear of (H, W) planes: bands of rows that share an integer shift, the
+    fractional offset of each row, and Pillow's own per-pixel taps for exact recomputation."""
+
+    bands: tuple[tuple[int, int, int], ...]  # (first row, end row, shift of the first tap)
+    pad: tuple[int, int]  # edge columns to replicate on the left and right
+    frac: torch.Tensor  # float32 (H, 1)
+    irregular: torch.Tensor  # bool (H, 1): rows whose pixels do not all share the row's shift
+    taps: torch.Tensor  # int64 (4, H * W): flat input pixel of each tap of each output pixel
+    frac64: torch.Tensor  # float64 (H * W,)
+    outside: torch.Tensor  # bool (H, W)
+
+
+@functools.lru_cache(maxsize=64)
+def _shear_plan(h: int, w: int, shear: float, device: torch.device) -> _ShearPlan:
+    # Pillow's point arithmetic, in float64: source x = 1 * (x + 0.5) + shear * (y + 0.5).
+    ys = (torch.arange(h, device=device, dtype=torch.float64) + 0.5).view(h, 1)
+    xs = (torch.arange(w, device=device, dtype=torch.float64) + 0.5).view(1, w)
+    src = xs + shear * ys
+    pos = src - 0.5
+    base = pos.floor()
+    frac = pos - base
+    shift = base.long() - torch.arange(w, device=device)  # input column - output column
+    row_shift = shift[:, 0].tolist()
+    bands, start = [], 0
+    for y in range(1, h + 1):
+        if y == h or row_shift[y] != row_shift[start]:
+            bands.append((start, y, row_shift[start] - 1))
+            start = y
+    taps = (base.long() + torch.arange(-1, 3, device=device).view(4, 1, 1)).clamp_(0, w - 1)
+    taps += torch.arange(h, device=device).view(h, 1) * w
+    return _ShearPlan(
+        bands=tuple(bands),
+        pad=(max(0, 1 - min(row_shift)), max(0, max(row_shift) + 2)),
+        frac=frac[:, :1].float(),
+        irregular=(shift != shift[:, :1]).any(1, keepdim=True),
+        taps=taps.view(4, h * w),
+        frac64=frac.flatten(),
+        outside=(src < 0) | (src >= w),
+    )
+
+
+# |error| of the float32 Horner sum below: <= ~8 roundings of 2**-24 * 1530 (the largest
+# |p2| + |p3| + |p4|) < 1e-3; beyond this distance from an integer its truncation is Pillow's.
+_SHEAR_F32_MARGIN = 2e-3
+
+
+def _shear_rows(x: torch.Tensor, shear: float) -> torch.Tensor:
+    """Horizontal bicubic shear of x (n, C, H, W), one band of equal-shift rows at a time
+    (slices of the edge-padded rows, small enough to stay in the CPU caches)."""
+    n, c, h, w = x.shape
+    plan = _shear_plan(h, w, shear, x.device)
+    planes = x.reshape(n * c, h, w)
+    left, right = plan.pad
+    padded = torch.cat([planes[:, :, :1].expand(-1, -1, left), planes,
+                        planes[:, :, -1:].expand(-1, -1, right)], dim=2)
+    out = torch.empty_like(planes)
+    redo_at = []
+    for first, end, shift in plan.bands:
+        start = left + shift
+        v1, v2, v3, v4 = (padded[:, first:end, start + j:start + j + w] for j in range(4))
+        d = plan.frac[first:end]
+        # Pillow's Horner form v2 + d * (p2 + d * (p3 + d * p4)); the p's are small integers.
+        p2 = v3 - v1
         p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
-        p2 = v3.sub_(v1)
-        out = p4.mul_(frac).add_(p3).mul_(frac).add_(p2).mul_(frac).add_(v2)
-        out.clamp_(0, 255).floor_().masked_fill_(~inside.unsqueeze(1), _GREY)
-        return out.float()
-    return op
+        p4 = (v2 - v1).add_(v4).sub_(v3)
+        delta = torch.addcmul(p2, torch.addcmul(p3, p4, d), d).mul_(d)
+        redo = (delta - delta.round()).abs_() < _SHEAR_F32_MARGIN
+        redo &= (p2 != 0) | (p3 != 0) | (p4 != 0)  # flat: delta is exactly 0 in both
+        redo |= plan.irregular[first:end]
+        out[:, first:end] = delta.add_(v2).clamp_(0, 255).floor_()
+        plane, row, col = redo.nonzero(as_tuple=True)
+        redo_at.append((plane, (row + first) * w + col))
+    plane, pixel = (torch.cat(parts) for parts in zip(*redo_at))
+    if len(plane):
+        flat = planes.reshape(n * c, h * w)
+        v1, v2, v3, v4 = (flat[plane, plan.taps[k, pixel]].double() for k in range(4))
+        d = plan.frac64[pixel]
+        exact = v2 + d * ((v3 - v1) + d * ((2 * (v1 - v2) + v3 - v4) + d * (v2 - v1 + v4 - v3)))
+        out.view(n * c, h * w)[plane, pixel] = exact.clamp_(0, 255).floor_().float()
+    return out.view_as(x).masked_fill_(plan.outside, _GREY)
 
 
-_OPS: dict[str, Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]] = {
+def _shear_x(x, m, sign):
+    """Image.transform(AFFINE (1, ±m, 0, 0, 1, 0), BICUBIC, grey fill).
+
+    The input point of an output pixel centre stays on the pixel centres of its row, so
+    Pillow's bicubic (a = -1, clamped neighbours, truncated) reduces to 1-D along the row.
+    The sum runs in float32; the few pixels whose result lies within the float32 error of an
+    integer are recomputed in float64 as Pillow computes them, so truncation agrees.
+    """
+    return _shear_rows(x, m * sign)
+
+
+def _shear_y(x, m, sign):
+    """Image.transform(AFFINE (1, 0, 0, ±m, 1, 0), BICUBIC): Pillow's arithmetic is symmetric
+    in x and y, so this is the horizontal shear of the transposed image."""
+    return _shear_rows(x.transpose(2, 3).contiguous(), m * sign).transpose(2, 3).contiguous()
+
+
+_OPS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "autocontrast": _autocontrast,
     "contrast": _contrast,
     "posterize": _posterize,
     "solarize": _solarize,
     "translateX": _translate(0),
     "translateY": _translate(1),
-    "shearX": _shear(0),
-    "shearY": _shear(1),
+    "shearX": _shear_x,
+    "shearY": _shear_y,
     "brightness": _brightness,
     "sharpness": _sharpness,
     "invert": _invert,
@@ -278,6 +377,8 @@ _OPS: dict[str, Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]] = {
     "equalize": _equalize,
     "rotate": _rotate,
 }
+_SIGNED_OPS = frozenset({"contrast", "brightness", "sharpness", "color", "shearX", "shearY",
+                         "translateX", "translateY"})
 
 
 # ---------------------------------------------------------------- public API
@@ -337,17 +438,27 @@ class JointAugment:
             raise KdtoolError(f"JDA params have shape {tuple(params.fire.shape)}, "
                               f"expected {expected}")
         out = images.clone()
-        # One device->host copy of the masks per batch; the row indices go back asynchronously.
-        fire = params.fire.cpu()
-        sign = params.sign.to(images.device)
+        # One device->host copy of the draws per batch; row indices go back asynchronously.
+        fire, sign = params.fire.cpu(), params.sign.cpu()
+        touched = fire.any(1).nonzero().flatten()
+        if len(touched) == 0:
+            return out
+        fire, sign = fire[touched], sign[touched]
+        touched = touched.to(images.device, non_blocking=True)
+        # The touched rows stay on the 0..255 integer grid from the first op to the last.
+        work = out.index_select(0, touched).float().mul_(255).round_().clamp_(0, 255)
         for k, op in enumerate(self.policy.ops):
-            rows = fire[:, k].nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            rows = rows.to(images.device, non_blocking=True)
-            x = out.index_select(0, rows).float().mul_(255).round_().clamp_(0, 255)
-            y = _OPS[op.name](x, op.magnitude, sign[rows, k]).div_(255)
-            out.index_copy_(0, rows, y.to(out.dtype))
+            signs = (-1.0, 1.0) if op.name in _SIGNED_OPS else (None,)
+            for op_sign in signs:
+                chosen = fire[:, k] if op_sign is None else fire[:, k] & (sign[:, k] == op_sign)
+                rows = chosen.nonzero().flatten()
+                if len(rows) == len(work):
+                    work = _OPS[op.name](work, op.magnitude, op_sign or 1.0)
+                elif len(rows):
+                    rows = rows.to(images.device, non_blocking=True)
+                    x = work.index_select(0, rows)
+                    work.index_copy_(0, rows, _OPS[op.name](x, op.magnitude, op_sign or 1.0))
+        out.index_copy_(0, touched, work.div_(255).to(out.dtype))
         return out
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -73,6 +73,7 @@ class TrainConfig(_Section):
     clip_grad_norm: Optional[float] = Field(None, gt=0)
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps (smoke tests)")
 
     @model_validator(mode="after")
     def _milestones_within_epochs(self):
@@ -121,6 +122,7 @@ class Int8Config(_Section):
     reduce_range: Optional[bool] = Field(None, description="null = decide from the CPU (no VNNI -> true)")
     max_top1_drop: float = Field(1.0, ge=0, description="points vs the float student before fallback")
     fallback_budget: int = Field(8, ge=0, description="max nodes kept in float by the fallback")
+    calibration_batch_size: int = Field(16, ge=1, description="images per calibration/sensitivity inference")
 
 
 class TensorRTConfig(_Section):
@@ -136,10 +138,14 @@ class ExportConfig(_Section):
     name: Optional[str] = Field(None, description="bundle name; null = the recipe name")
     opset: int = Field(17, ge=17)
     verify_batch_sizes: list[int] = Field(default_factory=lambda: [1, 7, 32])
+    verify_images: int = Field(256, ge=1, description="validation images compared against PyTorch per batch size")
     max_abs_diff: float = Field(1e-3, gt=0)
     min_cosine: float = Field(0.9999, gt=0, le=1)
     min_top1_agreement: float = Field(0.99, gt=0, le=1)
     fp16: bool = True
+    fp16_max_abs_diff: float = Field(0.05, gt=0, description="FP16 vs PyTorch float; looser than fp32")
+    fp16_min_cosine: float = Field(0.999, gt=0, le=1)
+    fp16_min_top1_agreement: float = Field(0.98, gt=0, le=1)
     int8: Int8Config = Int8Config()
     tensorrt: TensorRTConfig = TensorRTConfig()
 

@@ -150,6 +150,7 @@ def fit(
     val_loader = build_loader(datasets.val, data_cfg, train=False)
     if len(train_loader) == 0:
         raise KdtoolError(f"data.batch_size: {data_cfg.batch_size} is larger than the {len(datasets.train)} training images")
+    set_seed(seed)  # the sampler's base seed is read from torch's seed in prepare()
     model = model.to(memory_format=memory_format)
     if accelerator.num_processes > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -182,7 +183,10 @@ def fit(
         teacher_val = classification_metrics(teacher_val_logits, val_targets)
 
     last_record: dict = {}
+    total_steps = min(train_cfg.epochs * steps_per_epoch, train_cfg.max_steps or math.inf)
     for epoch in range(start_epoch, train_cfg.epochs):
+        if step >= total_steps:
+            break
         set_seed(seed * 1000 + epoch)  # the state at an epoch boundary is a function of (seed, epoch)
         train_loader.set_epoch(epoch)
         model.train()
@@ -220,14 +224,17 @@ def fit(
             if (i + 1) % LOG_EVERY == 0 or i + 1 == len(train_loader):
                 loss_value = parts["loss"].item()
                 if not math.isfinite(loss_value):
-                    raise CheckFailed(f"{label}: loss became {loss_value} at epoch {epoch + 1}, step {step}; "
-                                      f"the last good checkpoint is {out_dir / 'last'} (lower the learning rate?)")
+                    kept = f"the last good checkpoint is {out_dir / 'last'}" if (out_dir / "last").exists() else "no checkpoint was written"
+                    raise CheckFailed(f"{label}: loss became {loss_value} at epoch {epoch + 1}, step {step}; {kept} (learning rate too high?)")
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+            if step >= total_steps:
+                break
         bar.close()
+        finished = epoch + 1 == train_cfg.epochs or step >= total_steps
 
         record = {"stage": label, "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
-        record.update({f"train_{k}": (v / len(train_loader)).item() for k, v in sums.items()})
-        evaluate_now = (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs
+        record.update({f"train_{k}": (v / (i + 1)).item() for k, v in sums.items()})
+        evaluate_now = (epoch + 1) % train_cfg.eval_every == 0 or finished
         if evaluate_now:
             logits, val_targets = predict(model, val_loader, info, accelerator, channels_last=runtime.channels_last)
             record.update({f"val_{k}": v for k, v in classification_metrics(logits, val_targets, teacher_val_logits).items()})
@@ -244,7 +251,7 @@ def fit(
                 scheduler_state=scheduler.state_dict(),
                 state={"epoch": epoch + 1, "step": step, "best_top1": best_top1, "seed": seed,
                        "rng": {"epoch_seed": seed * 1000 + epoch, "jda_seed": seed},
-                       "finished": epoch + 1 == train_cfg.epochs, "metrics": record},
+                       "finished": finished, "metrics": record},
                 is_best=is_best,
             )
             with open(metrics_path, "a") as handle:
@@ -314,38 +321,36 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
             progress: bool = True, accelerator: Optional[Accelerator] = None) -> dict:
     """The distil stage: train the teacher if needed, then the student. Returns the run summary."""
     run_dir = Path(run_dir)
+    # Everything that can be wrong with the input is checked before the run directory is touched.
+    datasets = build_datasets(recipe.data)
+    num_classes = datasets.info.num_classes
+    set_seed(recipe.seed)  # model initialisation depends on the seed alone
+    student = build_model(recipe.student.name, num_classes, recipe.student.weights)
+    teacher = build_model(recipe.teacher.name, num_classes, recipe.teacher.weights)
+    loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
+    jda = recipe.augment.jda
+    augment = build_jda(jda)
     accelerator = accelerator or build_accelerator(recipe.runtime)
+    common = dict(data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator, seed=recipe.seed, progress=progress)
     with run_lock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
             prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
         accelerator.wait_for_everyone()
-        datasets = build_datasets(recipe.data)
-        num_classes = datasets.info.num_classes
-        common = dict(data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator, seed=recipe.seed, progress=progress)
 
         summary: dict = {"recipe": recipe.name, "run_dir": str(run_dir)}
         if recipe.teacher.weights is None:
             teacher_dir = run_dir / "teacher"
-            if _finished(teacher_dir):
-                summary["teacher"] = read_state(teacher_dir / "best")["metrics"]
-            else:
-                set_seed(recipe.seed)
-                result = fit(build_model(recipe.teacher.name, num_classes), datasets, train_cfg=recipe.teacher.train,
-                             out_dir=teacher_dir, loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
-                             resume=resume, label="teacher", **common)
-                summary["teacher"] = result.best
-        loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
-        teacher = load_teacher(run_dir, recipe, num_classes) if needs_teacher else None
-        if _finished(run_dir):
-            summary["student"] = read_state(run_dir / "best")["metrics"]
-        else:
-            set_seed(recipe.seed)
-            jda = recipe.augment.jda
-            result = fit(build_model(recipe.student.name, num_classes, recipe.student.weights), datasets,
-                         train_cfg=recipe.train, out_dir=run_dir, loss_fn=loss_fn, teacher=teacher,
-                         augment=build_jda(jda), views=jda.views, teacher_sees_views=jda.teacher_sees_views,
-                         resume=resume, label="student", **common)
-            summary["student"] = result.best
+            if not _finished(teacher_dir):
+                fit(teacher, datasets, train_cfg=recipe.teacher.train, out_dir=teacher_dir,
+                    loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
+                    resume=resume, label="teacher", **common)
+            summary["teacher"] = read_state(teacher_dir / "best")["metrics"]
+            teacher = load_teacher(run_dir, recipe, num_classes)
+        if not _finished(run_dir):
+            fit(student, datasets, train_cfg=recipe.train, out_dir=run_dir, loss_fn=loss_fn,
+                teacher=teacher if needs_teacher else None, augment=augment, views=jda.views,
+                teacher_sees_views=jda.teacher_sees_views, resume=resume, label="student", **common)
+        summary["student"] = read_state(run_dir / "best")["metrics"]
         if accelerator.is_main_process:
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
         return summary

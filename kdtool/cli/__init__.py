@@ -1,8 +1,6 @@
 """The `kdtool` command line: thin Click commands over the library stages, one module per group."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from kdtool.cli.common import debug_option
@@ -31,6 +29,11 @@ from kdtool.cli import train as _train  # noqa: E402  (registers commands on `cl
 cli.add_command(_train.distill)
 cli.add_command(_train.run)
 cli.add_command(_train.recipe)
+from kdtool.cli import sweep as _sweep  # noqa: E402
+cli.add_command(_sweep.sweep)
 
-if __name__ == "__main__":
-    sys.exit(main())
+from kdtool.cli import export as _export  # noqa: E402
+
+cli.add_command(_export.export)
+from kdtool.cli import bench as _bench
+cli.add_command(_bench.bench)

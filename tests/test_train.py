@@ -1,0 +1,151 @@
+"""The training stage: run directory contract, bad input, resume equivalence, multi-process equivalence."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART, REPO, TINY, one_line_error
+from kdtool import distill, load_recipe
+from kdtool.checkpoint import read_state
+
+FAST = TINY + ["train.epochs=3"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("epoch_seconds")
+    return records
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    summary = distill(load_recipe(QUICKSTART, FAST), run_dir, progress=False)
+    return run_dir, summary
+
+
+def test_run_directory_contract(finished_run):
+    run_dir, summary = finished_run
+    assert load_recipe(run_dir / "recipe.yaml") == load_recipe(QUICKSTART, FAST)
+    for out in (run_dir, run_dir / "teacher"):
+        assert (out / "last").is_symlink() and (out / "best").is_symlink()
+        assert (out / "last" / "model.safetensors").is_file() and (out / "last" / "state.json").is_file()
+    state = read_state(run_dir / "last")
+    assert state["epoch"] == 3 and state["finished"] and state["optimizer"]["param_groups"]
+    records = metrics(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"train_loss", "train_ce", "train_kl_orig", "train_kl_aug", "val_top1", "val_top5",
+            "val_teacher_agreement", "teacher_val_top1"} <= set(records[-1])
+    assert summary["student"]["val_top1"] == max(r["val_top1"] for r in records)
+    assert json.loads((run_dir / "summary.json").read_text())["student"] == summary["student"]
+    assert len(list((run_dir / "checkpoints").iterdir())) <= 2  # only what last/best point at
+
+
+def test_existing_run_dir_is_refused_and_resume_needs_a_checkpoint(cli_runner, tmp_path):
+    run_dir = tmp_path / "runs" / "quickstart"
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("keep me")
+    line = one_line_error(cli_runner("distill", QUICKSTART, *sum([["--set", o] for o in FAST], [])))
+    assert "exists; pass --resume" in line and (run_dir / "notes.txt").read_text() == "keep me"
+    assert "nothing to resume" in one_line_error(cli_runner("distill", QUICKSTART, "--resume", "--out", tmp_path / "empty"))
+
+
+def test_resume_with_another_recipe_is_refused(cli_runner, finished_run):
+    run_dir, _ = finished_run
+    args = sum([["--set", o] for o in FAST], [])
+    line = one_line_error(cli_runner("distill", QUICKSTART, *args, "--set", "train.epochs=5", "--resume", "--out", run_dir))
+    assert "recipe differs" in line and "train.epochs" in line
+
+
+def test_bad_input_in_the_recipe_values(cli_runner, tmp_path):
+    base = sum([["--set", o] for o in FAST], [])
+    line = one_line_error(cli_runner("distill", QUICKSTART, *base, "--set", "student.name=resnet9"))
+    assert "unknown model 'resnet9'" in line and "resnet8x4" in line
+    line = one_line_error(cli_runner("distill", QUICKSTART, *base, "--set", "data.name=cifar100",
+                                     "--set", f"data.root={tmp_path / 'nope'}", "--out", tmp_path / "r2"))
+    assert "dataset root not found" in line
+    line = one_line_error(cli_runner("distill", QUICKSTART, *base, "--set", f"teacher.weights={tmp_path / 't.pt'}",
+                                     "--out", tmp_path / "r3"))
+    assert "checkpoint not found" in line
+
+
+def test_nan_loss_stops_with_the_step_and_exit_1(cli_runner, tmp_path):
+    result = cli_runner("distill", QUICKSTART, *sum([["--set", o] for o in FAST], []), "--set", "train.optimizer.lr=1e12",
+                        "--set", "method.name=vanilla", "--out", tmp_path / "nan")
+    line = one_line_error(result, code=1)
+    assert "loss became nan" in line.lower() or "loss became inf" in line.lower()
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(finished_run, tmp_path, cli_runner):
+    reference_dir, _ = finished_run
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "kdtool.cli", "distill", str(QUICKSTART), "--out", str(run_dir), "--no-progress"]
+    args += sum([["--set", o] for o in FAST], [])
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "last").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run_dir / "last").exists(), f"the run never wrote a student checkpoint: {process.stderr.read()[-2000:]}"
+    killed_at = read_state(run_dir / "last")["epoch"]
+    result = cli_runner("distill", QUICKSTART, "--out", run_dir, "--resume", "--no-progress", *sum([["--set", o] for o in FAST], []))
+    assert result.exit_code == 0, result.output
+    assert metrics(run_dir) == metrics(reference_dir), f"killed after epoch {killed_at}"
+    final, reference = load_file(str(run_dir / "last" / "model.safetensors")), load_file(str(reference_dir / "last" / "model.safetensors"))
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+from torch import nn
+from kdtool import build_datasets, build_jda, build_loss, load_recipe
+from kdtool.recipe import MethodConfig
+from kdtool.train import build_accelerator, fit
+from safetensors.torch import save_file
+
+def net(width):  # no BatchNorm: per-process batch statistics are the one thing DDP does not average
+    torch.manual_seed(width)
+    return nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+recipe = load_recipe(sys.argv[1], ["data.train_fraction=0.1", "data.batch_size=32", "train.epochs=2",
+                                   "augment.jda.p=0.5", "train.optimizer.lr=0.05"])
+accelerator = build_accelerator(recipe.runtime)
+datasets = build_datasets(recipe.data)
+loss_fn, _ = build_loss(MethodConfig(name="kd"))
+result = fit(net(8), datasets, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
+             accelerator=accelerator, out_dir=sys.argv[2], seed=0, loss_fn=loss_fn, teacher=net(12).eval(),
+             augment=build_jda(recipe.augment.jda), views=1, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    script = tmp_path / "fit_tiny.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    single = subprocess.run([sys.executable, str(script), str(QUICKSTART), str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+              str(script), str(QUICKSTART), str(tmp_path / "two")]
+    double = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = load_file(str(tmp_path / "one" / "last" / "model.safetensors")), load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["val_top1"] for r in m1] == [r["val_top1"] for r in m2]
+    assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-4 for a, b in zip(m1, m2))
