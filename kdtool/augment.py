@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .errors import KdtoolError, Registry
 

@@ -133,6 +133,7 @@ def fit(
     seed: int,
     loss_fn: LossFn,
     teacher: Optional[nn.Module] = None,
+    teacher_in_loss: bool = True,
     augment: Optional[JointAugment] = None,
     views: int = 0,
     teacher_sees_views: bool = True,
@@ -140,7 +141,11 @@ def fit(
     label: str = "student",
     progress: bool = True,
 ) -> FitResult:
-    """Train `model` with `loss_fn`, evaluating, logging and checkpointing into `out_dir`."""
+    """Train `model` with `loss_fn`, evaluating, logging and checkpointing into `out_dir`.
+
+    A `teacher` is frozen; its logits feed `loss_fn` when `teacher_in_loss`, and evaluation always
+    reports the student's agreement with it.
+    """
     out_dir = Path(out_dir)
     info: DataInfo = datasets.info
     views = views if augment is not None else 0
@@ -200,7 +205,7 @@ def fit(
                 params = local_jda_params(augment, views, images.shape[0], accelerator, step_generator(seed, step, device))
                 images = joint_batch(images, augment, views, params)
             inputs = normalize(images, info).contiguous(memory_format=memory_format)
-            if teacher is not None:
+            if teacher is not None and teacher_in_loss:
                 with torch.no_grad(), accelerator.autocast():
                     if views and not teacher_sees_views:
                         teacher_logits = teacher(inputs[: targets.shape[0]]).repeat(1 + views, 1)
@@ -230,6 +235,7 @@ def fit(
             if step >= total_steps:
                 break
         bar.close()
+        train_seconds = time.perf_counter() - started
         finished = epoch + 1 == train_cfg.epochs or step >= total_steps
 
         record = {"stage": label, "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
@@ -240,6 +246,7 @@ def fit(
             record.update({f"val_{k}": v for k, v in classification_metrics(logits, val_targets, teacher_val_logits).items()})
             if teacher is not None:
                 record.update({f"teacher_val_{k}": v for k, v in teacher_val.items()})
+        record["train_seconds"] = round(train_seconds, 3)
         record["epoch_seconds"] = round(time.perf_counter() - started, 3)
         is_best = evaluate_now and record["val_top1"] > best_top1
         best_top1 = record["val_top1"] if is_best else best_top1
@@ -313,8 +320,20 @@ def load_student(run_dir: Path, recipe: Recipe, num_classes: int, which: str = "
     return build_model(recipe.student.name, num_classes, str(checkpoint)).eval()
 
 
-def _finished(out_dir: Path) -> bool:
+def is_finished(out_dir: Path) -> bool:
+    """Whether the training in `out_dir` ran to its last epoch."""
     return (out_dir / "last").exists() and read_state(out_dir / "last").get("finished", False)
+
+
+def train_teacher(recipe: Recipe, teacher: nn.Module, datasets: Datasets, teacher_dir: Path, accelerator: Accelerator,
+                  *, resume: bool, progress: bool) -> None:
+    """Train the teacher with cross-entropy into `teacher_dir` (nothing to do when it finished before)."""
+    if is_finished(teacher_dir):
+        return
+    fit(teacher, datasets, train_cfg=recipe.teacher.train, data_cfg=recipe.data, runtime=recipe.runtime,
+        accelerator=accelerator, out_dir=teacher_dir, seed=recipe.seed,
+        loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
+        resume=resume, label="teacher", progress=progress)
 
 
 def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
@@ -331,7 +350,6 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
     jda = recipe.augment.jda
     augment = build_jda(jda)
     accelerator = accelerator or build_accelerator(recipe.runtime)
-    common = dict(data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator, seed=recipe.seed, progress=progress)
     with run_lock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
             prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
@@ -340,16 +358,14 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
         summary: dict = {"recipe": recipe.name, "run_dir": str(run_dir)}
         if recipe.teacher.weights is None:
             teacher_dir = run_dir / "teacher"
-            if not _finished(teacher_dir):
-                fit(teacher, datasets, train_cfg=recipe.teacher.train, out_dir=teacher_dir,
-                    loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
-                    resume=resume, label="teacher", **common)
+            train_teacher(recipe, teacher, datasets, teacher_dir, accelerator, resume=resume, progress=progress)
             summary["teacher"] = read_state(teacher_dir / "best")["metrics"]
             teacher = load_teacher(run_dir, recipe, num_classes)
-        if not _finished(run_dir):
-            fit(student, datasets, train_cfg=recipe.train, out_dir=run_dir, loss_fn=loss_fn,
-                teacher=teacher if needs_teacher else None, augment=augment, views=jda.views,
-                teacher_sees_views=jda.teacher_sees_views, resume=resume, label="student", **common)
+        if not is_finished(run_dir):
+            fit(student, datasets, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
+                accelerator=accelerator, out_dir=run_dir, seed=recipe.seed, loss_fn=loss_fn, teacher=teacher,
+                teacher_in_loss=needs_teacher, augment=augment, views=jda.views,
+                teacher_sees_views=jda.teacher_sees_views, resume=resume, label="student", progress=progress)
         summary["student"] = read_state(run_dir / "best")["metrics"]
         if accelerator.is_main_process:
             write_json_atomic(run_dir / SUMMARY_FILE, summary)

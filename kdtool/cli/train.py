@@ -43,11 +43,15 @@ def _print_summary(summary: dict) -> None:
 @recipe_options
 @handle_errors
 def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
-    """Run every stage RECIPE enables: distil, then export and bench where enabled.
+    """Run every stage RECIPE enables: distil, then export (export.enabled) and bench (bench.enabled).
+
+    The bundle goes to <export.root>/<export.name or recipe name>; with --resume or --overwrite an
+    existing bundle of the run is replaced. Exit 1 when a verification or the accuracy gate fails.
 
     \b
     Example:
         kdtool run recipes/quickstart.yaml
+        kdtool run recipes/quickstart.yaml --set method.name=kd --out runs/kd --set export.name=kd
     """
     from kdtool.train import distill as run_distill
 
@@ -55,6 +59,16 @@ def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
     run_dir = out or Path("runs") / recipe.name
     summary = run_distill(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
     _print_summary(summary)
+    if recipe.export.enabled:
+        from kdtool.cli.export import print_artefacts
+        from kdtool.export import export_bundle
+
+        bundle = export_bundle(run_dir, overwrite=overwrite or resume, progress=progress)
+        print_artefacts(bundle)
+        if recipe.bench.enabled:
+            from kdtool.cli.bench import bench_and_print
+
+            bench_and_print(bundle, progress=progress)
 
 
 @click.group()

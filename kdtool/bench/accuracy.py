@@ -1,0 +1,60 @@
+"""Accuracy rows (teacher, float student, every artefact on every runtime) and the accuracy gate."""
+from __future__ import annotations
+
+from kdtool.errors import CheckFailed
+from kdtool.evaluate import classification_metrics
+from kdtool.recipe import GateConfig
+
+
+class GateFailed(CheckFailed):
+    """The accuracy gate was missed; carries the report (already written) for the caller to show."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def accuracy_row(artefact: str, precision: str, runtime: str, logits, targets, teacher_logits, student_logits) -> dict:
+    """top1/top5, agreement (%) and mean KL to the teacher and to the float student, and the top-1 drop (points)."""
+    metrics = classification_metrics(logits, targets, teacher_logits, prefix_reference="teacher")
+    versus_student = classification_metrics(logits, targets, student_logits, prefix_reference="student")
+    student_top1 = classification_metrics(student_logits, targets)["top1"]
+    return {
+        "artefact": artefact, "precision": precision, "runtime": runtime,
+        **metrics,
+        "student_agreement": versus_student["student_agreement"],
+        "student_kl": versus_student["student_kl"],
+        "top1_drop": student_top1 - metrics["top1"],
+    }
+
+
+def teacher_row(runtime: str, teacher_logits, targets) -> dict:
+    return {"artefact": "teacher", "precision": "fp32", "runtime": runtime, **classification_metrics(teacher_logits, targets)}
+
+
+def gate_failures(rows: list[dict], gate: GateConfig, gated_artefacts: set[str]) -> list[dict]:
+    """Every (artefact, runtime, metric) of `gated_artefacts` that misses a limit of `gate`."""
+    failures = []
+    min_agreement = 100.0 * gate.min_teacher_agreement  # the recipe holds a fraction; metrics are percent
+    for row in rows:
+        if row["artefact"] not in gated_artefacts:
+            continue
+        max_drop = gate.max_top1_drop.get(row["precision"])
+        if max_drop is not None and row["top1_drop"] > max_drop:
+            failures.append(_failure(row, "top1_drop", row["top1_drop"], f"<= {max_drop:g}"))
+        if row["teacher_agreement"] < min_agreement:
+            failures.append(_failure(row, "teacher_agreement", row["teacher_agreement"], f">= {min_agreement:g}"))
+    return failures
+
+
+def _failure(row: dict, metric: str, value: float, limit: str) -> dict:
+    return {"artefact": row["artefact"], "runtime": row["runtime"], "metric": metric, "value": value, "limit": limit}
+
+
+def format_failures(failures: list[dict]) -> str:
+    """A plain-text table of gate failures (the CheckFailed message)."""
+    header = ("artefact", "runtime", "metric", "value", "limit")
+    cells = [header] + [(f["artefact"], f["runtime"], f["metric"], f"{f['value']:.2f}", f["limit"]) for f in failures]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    return f"accuracy gate failed ({len(failures)} check{'s' if len(failures) != 1 else ''}):\n" + "\n".join(lines)

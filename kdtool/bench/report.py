@@ -1,0 +1,223 @@
+"""The bench report: report.json (machine-readable), report.md (tables), report.png (plots), console table.
+
+Every figure in a report is measured by the run that wrote it; the report says when and where.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import socket
+from importlib import metadata
+from pathlib import Path
+
+from kdtool.io import atomic_path, write_json_atomic, write_text_atomic
+
+SCHEMA = "kdtool.bench/1"
+TIMING_COLUMNS = ("artefact", "precision", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
+                  "mean ms", "min ms", "images/s")
+ACCURACY_COLUMNS = ("artefact", "precision", "runtime", "top-1", "top-5", "drop vs student",
+                    "agree teacher", "agree student", "KL teacher")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Where this run measured: host, CPU, GPU, library versions."""
+    import torch
+
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+               "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(),
+                "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()},
+        "gpu": gpu,
+        "versions": {"python": platform.python_version(),
+                     **{name: _version(name) for name in ("kdtool", "torch", "onnx", "onnxruntime", "onnxruntime-gpu",
+                                                          "tensorrt", "numpy")}},
+    }
+
+
+def build_report(bundle, recipe, settings, data_cfg, images: int, runtimes: list[dict], timing: list[dict],
+                 accuracy: list[dict], skipped: list[dict], failures: list[dict]) -> dict:
+    """The report as plain data (what report.json holds)."""
+    env = environment()
+    return {
+        "schema": SCHEMA,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": env["host"],
+        "bundle": str(bundle.directory),
+        "recipe": recipe.name,
+        "environment": env,
+        "settings": {
+            "batch_sizes": list(settings.batch_sizes), "warmup": settings.warmup, "iters": settings.iters,
+            "duration_s": settings.duration, "threads": settings.threads,
+            "include_copies": settings.include_copies, "cuda_graphs": settings.cuda_graphs,
+            "data": {"name": data_cfg.name, "root": data_cfg.root, "split": "val", "images": images},
+        },
+        "runtimes": runtimes,
+        "timing": timing,
+        "accuracy": accuracy,
+        "skipped": skipped,
+        "gate": {
+            "passed": not failures,
+            "max_top1_drop": dict(recipe.bench.gate.max_top1_drop),
+            "min_teacher_agreement_pct": 100.0 * recipe.bench.gate.min_teacher_agreement,
+            "failures": failures,
+        },
+    }
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _timing_cells(report: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for case in report["timing"]:
+        latency = case["latency_ms"]
+        rows.append((case["artefact"], case["precision"], case["runtime"], str(case["batch_size"]), str(case["threads"]),
+                     *(_fmt(latency[k], 3) for k in ("p50", "p90", "p99", "mean", "min")),
+                     _fmt(case["throughput_ips"], 1)))
+    return rows
+
+
+def _accuracy_cells(report: dict) -> list[tuple[str, ...]]:
+    return [(row["artefact"], row["precision"], row["runtime"], _fmt(row["top1"]), _fmt(row["top5"]),
+             _fmt(row.get("top1_drop")), _fmt(row.get("teacher_agreement")), _fmt(row.get("student_agreement")),
+             _fmt(row.get("teacher_kl"), 4)) for row in report["accuracy"]]
+
+
+def _markdown_table(columns, rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: environment, timing, accuracy, gate and skipped cases as tables."""
+    env, settings, gate = report["environment"], report["settings"], report["gate"]
+    gpu = env["gpu"]["name"] if env["gpu"] else "none"
+    amount = f"{settings['iters']} iterations" if settings["iters"] else f"{settings['duration_s']} s"
+    parts = [
+        f"# Bench report: {report['bundle']}",
+        f"Measured {report['timestamp']} on `{report['host']}`: CPU {env['cpu']['model']} "
+        f"({env['cpu']['usable_cores']} usable of {env['cpu']['logical_cores']} cores), GPU {gpu}. "
+        f"{amount} per case after {settings['warmup']} warm-up, {settings['threads']} threads, "
+        f"accuracy on {settings['data']['images']} {settings['data']['name']} validation images.",
+        "## Versions",
+        _markdown_table(("package", "version"), [(k, v) for k, v in env["versions"].items() if v]),
+        "## Timing",
+        _markdown_table(TIMING_COLUMNS, _timing_cells(report)),
+        "## Accuracy",
+        "Top-1/top-5 and agreement in %, drop in points vs the float student (PyTorch), KL = mean KL(teacher || model).",
+        _markdown_table(ACCURACY_COLUMNS, _accuracy_cells(report)),
+        "## Gate",
+        f"**{'passed' if gate['passed'] else 'FAILED'}**: max top-1 drop per precision "
+        f"{gate['max_top1_drop']}, min agreement with the teacher {gate['min_teacher_agreement_pct']:g} %.",
+    ]
+    if gate["failures"]:
+        parts.append(_markdown_table(("artefact", "runtime", "metric", "value", "limit"),
+                                     [(f["artefact"], f["runtime"], f["metric"], _fmt(f["value"]), f["limit"])
+                                      for f in gate["failures"]]))
+    parts += ["## Runtimes",
+              _markdown_table(("runtime", "available", "reason"),
+                              [(r["name"], "yes" if r["available"] else "no", r["reason"] or "") for r in report["runtimes"]])]
+    if report["skipped"]:
+        parts += ["## Skipped",
+                  _markdown_table(("artefact", "runtime", "batch", "reason"),
+                                  [(s["artefact"], s["runtime"], str(s.get("batch_size", "all")), s["reason"])
+                                   for s in report["skipped"]])]
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """report.png: top-1 vs p50 latency at the smallest batch, and p50 latency vs batch size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    accuracy_axes, batch_axes = figure.subplots(1, 2)
+    top1 = {(row["artefact"], row["runtime"]): row["top1"] for row in report["accuracy"]}
+    smallest = min((case["batch_size"] for case in report["timing"]), default=None)
+    series = list(dict.fromkeys((case["artefact"], case["runtime"]) for case in report["timing"]))
+    for key in series:
+        cases = sorted((c for c in report["timing"] if (c["artefact"], c["runtime"]) == key), key=lambda c: c["batch_size"])
+        label = f"{key[0]} / {key[1]}"
+        if key in top1:
+            accuracy_axes.scatter(cases[0]["latency_ms"]["p50"], top1[key], label=label)
+        batch_axes.plot([c["batch_size"] for c in cases], [c["latency_ms"]["p50"] for c in cases], marker="o", label=label)
+    accuracy_axes.set(xlabel=f"p50 latency at batch {smallest} (ms)", ylabel="top-1 (%)", title="Accuracy vs latency",
+                      xscale="log")
+    batch_axes.set(xlabel="batch size", ylabel="p50 latency (ms)", title="Latency vs batch size", yscale="log")
+    batch_axes.set_xscale("log", base=2)
+    sizes = report["settings"]["batch_sizes"]
+    batch_axes.set_xticks(sizes, labels=[str(size) for size in sizes])
+    accuracy_axes.minorticks_off()
+    batch_axes.minorticks_off()
+    if series:
+        accuracy_axes.legend(fontsize=8)
+        batch_axes.legend(fontsize=8)
+    figure.suptitle(f"{report['bundle']}: {report['timestamp']} on {report['host']}", fontsize=9)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+
+
+def write_report(bundle_dir: Path, report: dict) -> None:
+    """report.json, report.md and report.png into `bundle_dir`, each written atomically."""
+    write_json_atomic(bundle_dir / "report.json", report)
+    write_text_atomic(bundle_dir / "report.md", render_markdown(report))
+    plot_report(report, bundle_dir / "report.png")
+
+
+CONSOLE_TIMING = ("artefact", "runtime", "batch", "p50 ms", "p99 ms", "mean ms", "images/s")
+CONSOLE_ACCURACY = ("artefact", "runtime", "top-1", "top-5", "drop vs student", "agree teacher", "KL teacher")
+
+
+def _console_table(title: str, columns: tuple[str, ...], shown: tuple[str, ...], rows: list[tuple[str, ...]]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    picked = [columns.index(name) for name in shown]
+    for name in shown:
+        table.add_column(name, no_wrap=name in ("artefact", "runtime"), justify="left" if name in ("artefact", "runtime") else "right")
+    for row in rows:
+        table.add_row(*(row[i] for i in picked))
+    return table
+
+
+def print_report(report: dict, console=None) -> None:
+    """Timing and accuracy as rich tables (report.md has every column), skipped runtimes, the gate verdict."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console()
+    console.print(_console_table("Timing", TIMING_COLUMNS, CONSOLE_TIMING, _timing_cells(report)))
+    console.print(_console_table("Accuracy (%)", ACCURACY_COLUMNS, CONSOLE_ACCURACY, _accuracy_cells(report)))
+    for runtime in report["runtimes"]:
+        if not runtime["available"]:
+            console.print(f"[dim]skipped {runtime['name']}: {escape(runtime['reason'])}[/dim]")
+    verdict = "[green]gate passed[/green]" if report["gate"]["passed"] else "[red]gate FAILED[/red]"
+    console.print(f"{verdict}; report written to {escape(report['bundle'])}/report.{{json,md,png}} "
+                  f"({report['timestamp']}, {report['host']})")

@@ -1,0 +1,108 @@
+"""`kdtool sweep`: grid parsing, one shared teacher, reports, resume, bad keys."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import kdtool.sweep as sweep_module
+from kdtool.cli import cli
+from kdtool.errors import KdtoolError
+from kdtool.sweep import parse_grid, run_sweep, summarise, sweep_cells
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+TINY = ("train.epochs=1", "teacher.train.epochs=1", "data.train_fraction=0.2")
+GRID = {"method.name": ["kd", "ccd"], "augment.jda.p": [0.3]}
+
+
+def test_parse_grid_types_values_as_yaml():
+    grid = parse_grid(["method.name=vanilla,kd", "augment.jda.p=0,0.3", "runtime.channels_last=true"])
+    assert grid == {"method.name": ["vanilla", "kd"], "augment.jda.p": [0, 0.3], "runtime.channels_last": [True]}
+    with pytest.raises(KdtoolError, match="expected key.path=value1,value2"):
+        parse_grid(["method.name"])
+    with pytest.raises(KdtoolError, match="given twice"):
+        parse_grid(["seed=1", "seed=2"])
+
+
+def test_cells_cover_the_grid_times_seeds_with_readable_names():
+    cells = sweep_cells({"method.name": ["kd", "ccd"], "augment.jda.p": [0, 0.3]}, seeds=3, base_seed=5)
+    assert len(cells) == 12
+    assert {c.seed for c in cells} == {5, 6, 7}
+    assert cells[1].name == "method.name=kd,augment.jda.p=0,seed=6"
+    assert cells[1].overrides == ['method.name="kd"', "augment.jda.p=0", "seed=6"]
+
+
+def test_summarise_means_and_std():
+    rows = [{"method.name": "kd", "seed": s, "student_val_top1": v, "student_val_teacher_agreement": None,
+             "run_dir": "x"} for s, v in enumerate([80.0, 82.0])]
+    (entry,) = summarise(rows)
+    assert entry["n"] == 2 and entry["student_val_top1_mean"] == 81.0
+    assert entry["student_val_top1_std"] == pytest.approx(2**0.5)
+    assert entry["student_val_teacher_agreement_mean"] is None
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "tiny"
+    rows = run_sweep(RECIPE, GRID, seeds=2, overrides=TINY, out=out, progress=False)
+    return out, rows
+
+
+def test_sweep_writes_one_row_per_cell_and_the_reports(finished_sweep):
+    out, rows = finished_sweep
+    assert len(rows) == 4
+    with open(out / "results.csv") as handle:
+        results = list(csv.DictReader(handle))
+    assert len(results) == 4 and {r["method.name"] for r in results} == {"kd", "ccd"}
+    assert all(0 <= float(r["student_val_top1"]) <= 100 for r in results)
+    with open(out / "table.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(t["method.name"], t["n"]) for t in table] == [("kd", "2"), ("ccd", "2")]
+    markdown = (out / "table.md").read_text()
+    assert "student top-1 (%)" in markdown and markdown.count("±") == 4
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_teacher_is_trained_once_and_shared(finished_sweep):
+    out, rows = finished_sweep
+    assert sorted(p.name for p in out.rglob("teacher") if p.is_dir()) == ["teacher"]
+    assert (out / "teacher" / "best").exists()
+    for row in rows:
+        cell_recipe = yaml.safe_load((Path(row["run_dir"]) / "recipe.yaml").read_text())
+        assert Path(cell_recipe["teacher"]["weights"]) == (out / "teacher" / "best").absolute()
+        assert not (Path(row["run_dir"]) / "teacher").exists()
+
+
+def test_rerun_skips_finished_cells_and_resumes_an_unfinished_one(finished_sweep, monkeypatch):
+    out, rows = finished_sweep
+    calls = []
+    real_distill = sweep_module.distill
+
+    def counting_distill(recipe, run_dir, **kwargs):
+        calls.append((Path(run_dir).name, kwargs["resume"]))
+        return real_distill(recipe, run_dir, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "distill", counting_distill)
+    monkeypatch.setattr(sweep_module, "fit", lambda *a, **k: pytest.fail("the teacher was trained again"))
+    unfinished = Path(rows[2]["run_dir"])
+    (unfinished / "summary.json").unlink()
+    again = run_sweep(RECIPE, GRID, seeds=2, overrides=TINY, out=out, progress=False)
+    assert calls == [(unfinished.name, True)]
+    assert [r["student_val_top1"] for r in again] == [r["student_val_top1"] for r in rows]
+
+
+@pytest.mark.parametrize("grid,culprit", [
+    ("method.nme=kd", "method.nme"),
+    ("augment.jda.p=0,7", "augment.jda.p"),
+    ("teacher.name=resnet8", "teacher.name"),
+    ("data.split_seed=1,2", "data.split_seed"),
+])
+def test_bad_grid_key_exits_2_naming_it(tmp_path, grid, culprit):
+    result = CliRunner().invoke(cli, ["sweep", str(RECIPE), "--grid", grid, "--out", str(tmp_path / "s"),
+                                      "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert culprit in result.output
+    assert not (tmp_path / "s" / "teacher").exists()
