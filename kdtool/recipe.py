@@ -155,7 +155,7 @@ class GateConfig(_Section):
         default_factory=lambda: {"fp32": 0.5, "fp16": 0.5, "int8": 1.5},
         description="per precision, points vs the float student",
     )
-    min_teacher_agreement: float = Field(0.0, ge=0, le=1)
+    min_teacher_agreement: float = Field(0.0, ge=0, le=100, description="percent of val images")
 
 
 class BenchConfig(_Section):

@@ -35,7 +35,7 @@ def teacher_row(runtime: str, teacher_logits, targets) -> dict:
 def gate_failures(rows: list[dict], gate: GateConfig, gated_artefacts: set[str]) -> list[dict]:
     """Every (artefact, runtime, metric) of `gated_artefacts` that misses a limit of `gate`."""
     failures = []
-    min_agreement = 100.0 * gate.min_teacher_agreement  # the recipe holds a fraction; metrics are percent
+    min_agreement = gate.min_teacher_agreement
     for row in rows:
         if row["artefact"] not in gated_artefacts:
             continue

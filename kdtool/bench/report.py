@@ -82,7 +82,7 @@ def build_report(bundle, recipe, settings, data_cfg, images: int, runtimes: list
         "gate": {
             "passed": not failures,
             "max_top1_drop": dict(recipe.bench.gate.max_top1_drop),
-            "min_teacher_agreement_pct": 100.0 * recipe.bench.gate.min_teacher_agreement,
+            "min_teacher_agreement_pct": recipe.bench.gate.min_teacher_agreement,
             "failures": failures,
         },
     }

@@ -36,14 +36,21 @@ def bench(bundle, batch_sizes, iters, duration, threads, data, exclude_copies, c
         kdtool bench export/quickstart --batch 1 --batch 32 --iters 200 --threads 4
         kdtool bench export/imagenet_r50_mbv2 --data /datasets/imagenet --duration 5 --exclude-copies
     """
-    from kdtool.bench import GateFailed, find_latest_bundle, print_report, run_bench
+    from kdtool.bench import find_latest_bundle
+
+    bench_and_print(bundle or find_latest_bundle(), batch_sizes=list(batch_sizes) or None, iters=iters,
+                    duration=duration, threads=threads, data=str(data) if data else None,
+                    include_copies=False if exclude_copies else None, cuda_graphs=cuda_graphs, progress=progress)
+
+
+def bench_and_print(bundle: Path, **settings) -> dict:
+    """Run the bench stage and print its tables, also when the gate fails (then re-raise)."""
+    from kdtool.bench import GateFailed, print_report, run_bench
 
     try:
-        report = run_bench(bundle or find_latest_bundle(), batch_sizes=list(batch_sizes) or None, iters=iters,
-                           duration=duration, threads=threads, data=str(data) if data else None,
-                           include_copies=False if exclude_copies else None, cuda_graphs=cuda_graphs,
-                           progress=progress)
+        report = run_bench(bundle, **settings)
     except GateFailed as failure:
         print_report(failure.report)
         raise
     print_report(report)
+    return report
