@@ -20,9 +20,13 @@ def _as_tensor(array) -> torch.Tensor:
 
 
 def topk_accuracy(logits, targets, ks: Iterable[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy in percent for each k (k capped at the number of classes)."""
+    """Top-k accuracy in percent for each k (k capped at the number of classes).
+
+    Ties go to the lower class index, as with argmax: quantised models produce exact ties, and
+    every stage must count them the same way.
+    """
     logits, targets = _as_tensor(logits).float(), _as_tensor(targets).long()
-    best = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    best = logits.sort(dim=1, descending=True, stable=True).indices[:, : max(ks)]
     hits = best == targets.unsqueeze(1)
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdtool.errors import KdtoolError, closest
 
@@ -107,6 +107,11 @@ class AugmentConfig(_Section):
 
 class RuntimeConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
     cpu: bool = Field(False, description="force the CPU even where a GPU is present")
     channels_last: bool = True
     compile: bool = False

@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
+from kdtool.evaluate import topk_accuracy
 from kdtool.errors import CheckFailed
 from kdtool.export.onnx_export import ort_session
 from kdtool.recipe import Int8Config
@@ -119,12 +120,9 @@ def quantize_qdq(prepared_path: Path, out_path: Path, *, calibration: np.ndarray
 
 def top1(session, batches) -> float:
     """Top-1 accuracy (%) of an ONNX Runtime session over (images, labels) batches."""
-    hits = total = 0
     name = session.get_inputs()[0].name
-    for images, labels in batches:
-        hits += int((session.run(None, {name: images})[0].argmax(1) == labels).sum())
-        total += len(labels)
-    return 100.0 * hits / total
+    logits, targets = zip(*[(session.run(None, {name: images})[0], labels) for images, labels in batches])
+    return topk_accuracy(np.concatenate(logits), np.concatenate(targets), ks=(1,))["top1"]
 
 
 # ------------------------------------------------------------------ sensitivity
