@@ -13,7 +13,6 @@ points at are removed afterwards.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdtool.errors import KdtoolError
-from kdtool.io import staging_dir, write_json_atomic
+from kdtool.io import read_json_object, staging_dir, write_json_atomic
 
 STATE_JSON = "state.json"
 
@@ -77,13 +76,7 @@ def save_checkpoint(out_dir: Path, *, model_state: dict, optimizer_state: dict, 
 
 def read_state(checkpoint: Path) -> dict:
     """The JSON state of a checkpoint directory (or of the `last`/`best` link to one)."""
-    path = Path(checkpoint) / STATE_JSON
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KdtoolError(f"checkpoint not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KdtoolError(f"checkpoint state {path} is corrupt: {exc}") from None
+    return read_json_object(Path(checkpoint) / STATE_JSON, "checkpoint state")
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict, dict, dict]:

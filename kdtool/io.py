@@ -80,6 +80,21 @@ def staging_dir(target: Path, overwrite: bool = False):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from `path`; KdtoolError naming `what` and the file when it is missing or corrupt."""
+    from kdtool.errors import KdtoolError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KdtoolError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KdtoolError(f"{what} {path} is corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise KdtoolError(f"{what} {path} is corrupt: expected a JSON object")
+    return data
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -139,7 +139,7 @@ def run_sweep(recipe_path, grid: dict[str, list], seeds: int, overrides=(), out:
         _check_same_teacher_setup(base, sweep_dir)
         teacher = base.teacher.weights or str(train_shared_teacher(base, sweep_dir, progress))
         bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
-        for cell in cells:
+        for done, cell in enumerate(cells, 1):
             recipe = load_recipe(recipe_path, [*overrides, *cell.overrides, f"teacher.weights={json.dumps(teacher)}"])
             summary, what = run_cell(recipe, sweep_dir / cell.name, progress)
             student = summary.get("student", {})
@@ -148,7 +148,7 @@ def run_sweep(recipe_path, grid: dict[str, list], seeds: int, overrides=(), out:
                          "run_dir": str(sweep_dir / cell.name)})
             shown = ", ".join(f"{label}={_fmt(rows[-1][m])}" for m, label in METRICS.items())
             bar.update()
-            tqdm.write(f"[{bar.n}/{len(cells)}] {cell.name}: {shown} ({what})")
+            tqdm.write(f"[{done}/{len(cells)}] {cell.name}: {shown} ({what})")
         bar.close()
         write_reports(rows, list(grid), sweep_dir)
     return rows

@@ -1,15 +1,14 @@
 """Reading a deploy bundle: its manifest, its artefacts, and the training run it came from."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from kdtool.errors import KdtoolError
+from kdtool.export import MANIFEST_FILE, read_manifest
 
-MANIFEST_FILE = "manifest.json"
 ARTEFACT_KINDS = ("onnx", "tensorrt")
 
 
@@ -50,23 +49,6 @@ def _require(manifest: dict, keys: tuple[str, ...], source: Path):
             raise KdtoolError(f"{source}: missing key {'.'.join(keys[:depth + 1])}")
         node = node[key]
     return node
-
-
-def read_manifest(bundle_dir: Path) -> dict:
-    """The parsed manifest.json of `bundle_dir` (KdtoolError naming the file when absent or corrupt)."""
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise KdtoolError(f"bundle directory not found: {bundle_dir}")
-    path = bundle_dir / MANIFEST_FILE
-    if not path.is_file():
-        raise KdtoolError(f"{path}: manifest not found (is {bundle_dir} an export bundle?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KdtoolError(f"{path}: corrupt manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise KdtoolError(f"{path}: corrupt manifest (expected a JSON object)")
-    return manifest
 
 
 def load_bundle(bundle_dir: Path) -> Bundle:

@@ -24,16 +24,11 @@ def main() -> None:
     cli(prog_name="kdtool")
 
 
-from kdtool.cli import train as _train  # noqa: E402  (registers commands on `cli`)
-
-cli.add_command(_train.distill)
-cli.add_command(_train.run)
-cli.add_command(_train.recipe)
-from kdtool.cli import sweep as _sweep  # noqa: E402
-cli.add_command(_sweep.sweep)
-
+# Each command group lives in its own module; registering them here keeps `cli` the one entry point.
+from kdtool.cli import bench as _bench  # noqa: E402
 from kdtool.cli import export as _export  # noqa: E402
+from kdtool.cli import sweep as _sweep  # noqa: E402
+from kdtool.cli import train as _train  # noqa: E402
 
-cli.add_command(_export.export)
-from kdtool.cli import bench as _bench
-cli.add_command(_bench.bench)
+for _command in (_train.run, _train.distill, _export.export, _bench.bench, _sweep.sweep, _train.recipe):
+    cli.add_command(_command)

@@ -27,7 +27,7 @@ from kdtool.export.onnx_export import (
 )
 from kdtool.export.quantize import choose_reduce_range, convert_fp16, cpu_flags, quantize_with_fallback
 from kdtool.export.tensorrt import TIMING_CACHE_FILE, build_engine, require_tensorrt
-from kdtool.io import sha256_file, staging_dir, write_json_atomic
+from kdtool.io import read_json_object, sha256_file, staging_dir, write_json_atomic
 from kdtool.recipe import Recipe, dump_recipe, load_recipe
 from kdtool.train import RECIPE_FILE, load_student
 
@@ -54,14 +54,11 @@ def find_latest_run(runs_root: Path = Path("runs")) -> Path:
 
 
 def read_manifest(bundle_dir: Path) -> dict:
-    """The manifest of a bundle directory."""
-    path = Path(bundle_dir) / MANIFEST_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KdtoolError(f"not a bundle: {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KdtoolError(f"bundle manifest {path} is corrupt: {exc}") from None
+    """The parsed manifest.json of `bundle_dir` (KdtoolError naming the file when absent or corrupt)."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise KdtoolError(f"bundle directory not found: {bundle_dir}")
+    return read_json_object(bundle_dir / MANIFEST_FILE, f"bundle manifest (is {bundle_dir} an export bundle?)")
 
 
 def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
