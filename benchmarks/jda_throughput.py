@@ -3,7 +3,9 @@
 Both sides run the same policy (cifar100 by default) at the same p on the same images: the
 batched side takes a uint8 batch, converts it to float [0, 1] and augments it on the CPU; the
 Pillow side does what the reference dataset does, for each image, for each op,
-``if random.random() < p: apply``. Reports the median of --repeats timed runs after a warm-up.
+``if random.random() < p: apply``. Reports the median of --repeats timed runs after a warm-up;
+the batched and Pillow runs alternate (batched, PIL, batched, PIL, ...) so that a load change on
+a shared machine hits both sides alike, and the load average is printed with the results.
 With a CUDA device it also times JDA on the GPU against a torchvision resnet50 forward pass
 (random weights) on the same batch.
 
@@ -12,6 +14,7 @@ With a CUDA device it also times JDA on the GPU against a torchvision resnet50 f
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -83,6 +86,26 @@ def median_time(fn, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median wall time of each fn over `repeats` rounds, the fns alternating within a round."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def load_average() -> str:
+    try:
+        return "load average {:.2f}, {:.2f}, {:.2f} on {} CPUs".format(*os.getloadavg(), os.cpu_count())
+    except OSError:
+        return "load average unavailable"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
@@ -96,7 +119,8 @@ def main() -> None:
     aug = JointAugment(args.policy)
     ops = [(PIL_OPS[op.name], op.magnitude) for op in aug.policy.ops]
     print(f"JDA policy {aug.policy.name} ({len(ops)} ops), p={aug.p}, batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats} after a warm-up")
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats} interleaved runs after a "
+          f"warm-up; {load_average()}")
 
     rows = []
     for size in args.sizes:
@@ -117,13 +141,17 @@ def main() -> None:
                 out.append(np.asarray(img))
             return out
 
-        t_batched = median_time(batched, args.repeats)
-        t_pil = median_time(per_image, args.repeats)
+        t_batched, t_pil = interleaved_medians([batched, per_image], args.repeats)
         rows.append((size, args.batch / t_batched, args.batch / t_pil))
 
     print(f"\n{'size':>6} {'batched img/s':>14} {'PIL img/s':>12} {'batched/PIL':>12}")
     for size, batched_rate, pil_rate in rows:
         print(f"{size:>6} {batched_rate:>14.0f} {pil_rate:>12.0f} {batched_rate / pil_rate:>11.2f}x")
+    print()
+    for size, batched_rate, pil_rate in rows:
+        target = " (target >= 1)" if size == 224 else ""
+        print(f"ratio batched / PIL at {size}x{size} = {batched_rate / pil_rate:.2f}{target}")
+    print(f"after the runs: {load_average()}")
 
     if not torch.cuda.is_available():
         print("\nGPU comparison skipped: torch.cuda.is_available() is False (no CUDA device).")

@@ -5,6 +5,8 @@ Layout inside a training output directory::
     checkpoints/epoch-0007/model.safetensors   model weights (what export reads)
                           state.safetensors    optimizer tensors
                           state.json           epoch, step, optimizer groups, scheduler, RNG seed, metrics
+    checkpoints/epoch-0007-batch-000120/       a run stopped by a signal: epoch 8 done up to batch 120
+                                               (state.json `mid_epoch`: batches, running loss sums, RNG)
     last -> checkpoints/epoch-0007             symlinks, swapped in one atomic rename
     best -> checkpoints/epoch-0005
 
@@ -54,15 +56,23 @@ def _point(link: Path, target_name: str) -> None:
 
 def save_checkpoint(out_dir: Path, *, model_state: dict, optimizer_state: dict, scheduler_state: dict,
                     state: dict, is_best: bool) -> Path:
-    """Write a checkpoint for ``state['epoch']`` and point `last` (and `best`) at it."""
+    """Write a checkpoint for ``state['epoch']`` (and ``state['mid_epoch']``) and point `last` (and `best`) at it."""
     out_dir = Path(out_dir)
     name = f"epoch-{state['epoch']:04d}"
+    if "mid_epoch" in state:
+        name += f"-batch-{state['mid_epoch']['batches']:06d}"
     target = out_dir / "checkpoints" / name
     opt_tensors, opt_plain = _split_optimizer_state(optimizer_state)
-    with staging_dir(target, overwrite=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        save_file(opt_tensors, str(tmp / "state.safetensors"))
-        write_json_atomic(tmp / STATE_JSON, {**state, "optimizer": opt_plain, "scheduler": scheduler_state})
+    from safetensors import SafetensorError
+
+    try:
+        with staging_dir(target, overwrite=True) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+            save_file(opt_tensors, str(tmp / "state.safetensors"))
+            write_json_atomic(tmp / STATE_JSON, {**state, "optimizer": opt_plain, "scheduler": scheduler_state})
+    except (SafetensorError, OSError) as exc:  # disk full, file-size limit: `last` still points at the previous one
+        kept = f"; {out_dir / 'last'} still holds the previous one" if (out_dir / "last").exists() else ""
+        raise KdtoolError(f"cannot write checkpoint {target}: {str(exc).splitlines()[0]}{kept}") from None
     relative = f"checkpoints/{name}"
     if is_best:
         _point(out_dir / "best", relative)

@@ -131,6 +131,11 @@ def _local_cifar100():
         test_list = [[name, None] for name, _ in CIFAR100.test_list]
         meta = {**CIFAR100.meta, "md5": None}
 
+        @property
+        def source(self) -> Path:
+            """The file the labels were read from."""
+            return Path(self.root) / self.base_folder / (self.train_list if self.train else self.test_list)[0][0]
+
     return LocalCIFAR100
 
 
@@ -150,17 +155,33 @@ def _cifar100(cfg: DataConfig) -> Datasets:
 
 # ------------------------------------------------------------------ ImageFolder (ImageNet layout)
 class CheckedImageFolder(Dataset):
-    """torchvision ImageFolder that fails fast, or skips and counts, on unreadable images."""
+    """torchvision ImageFolder that fails fast, or skips and counts, on unreadable images.
+
+    Skipped files are flagged in `unreadable`, a shared-memory tensor, so that flags set in
+    DataLoader workers reach the trainer; setting a flag twice is harmless, so workers need no lock.
+    """
 
     def __init__(self, root: Path, transform: Callable, bad_images: str):
         from torchvision.datasets import ImageFolder
 
         try:
             self.folder = ImageFolder(str(root))
-        except (FileNotFoundError, RuntimeError) as exc:
+        except FileNotFoundError as exc:
+            empty = _empty_class_folders(root)
+            if empty:
+                raise KdtoolError(f"data.root: class folder {empty[0]} holds no images"
+                                  f"{f' (nor do {len(empty) - 1} more)' if len(empty) > 1 else ''}") from None
             raise KdtoolError(f"data.root: {root}: {exc}") from None
-        self.transform, self.bad_images, self.skipped = transform, bad_images, 0
+        except RuntimeError as exc:
+            raise KdtoolError(f"data.root: {root}: {exc}") from None
+        self.transform, self.bad_images = transform, bad_images
+        self.unreadable = torch.zeros(len(self.folder), dtype=torch.bool).share_memory_()
         self.classes, self.targets = self.folder.classes, self.folder.targets
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct files were skipped as unreadable since the flags were last cleared."""
+        return int(self.unreadable.sum())
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -173,10 +194,17 @@ class CheckedImageFolder(Dataset):
             except OSError as exc:
                 if self.bad_images == "fail":
                     raise KdtoolError(f"unreadable image {path}: {exc} (set data.bad_images: skip to skip such files)") from None
-                self.skipped += 1
+                self.unreadable[index] = True
                 index = (index + 1) % len(self.folder)
                 path, label = self.folder.samples[index]
         raise KdtoolError(f"no readable image under {self.folder.root}")
+
+
+def _empty_class_folders(root: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return [folder for folder in sorted(Path(root).iterdir()) if folder.is_dir()
+            and not any(f.suffix.lower() in IMG_EXTENSIONS for f in folder.rglob("*") if f.is_file())]
 
 
 def _imagefolder(cfg: DataConfig) -> Datasets:
@@ -199,13 +227,54 @@ DATASETS: Registry[Callable[[DataConfig], Datasets]] = Registry(
 )
 
 
+def check_labels(dataset: Dataset, num_classes: int, where: str) -> None:
+    """KdtoolError naming `where` (or the dataset's `source` file) when a label is outside 0..num_classes-1."""
+    targets = torch.as_tensor(dataset.targets)
+    bad = targets[(targets < 0) | (targets >= num_classes)]
+    if len(bad):
+        where = getattr(dataset, "source", where)
+        raise KdtoolError(f"{where}: label {int(bad[0])} is out of range for {num_classes} classes (0..{num_classes - 1}); "
+                          f"{len(bad)} such label(s)")
+
+
 def build_datasets(cfg: DataConfig) -> Datasets:
     """Train/val datasets for a recipe's `data` section, the few-shot fraction applied to train."""
     datasets = DATASETS[cfg.name](cfg)
+    for split, dataset in (("train", datasets.train), ("val", datasets.val)):
+        check_labels(dataset, datasets.info.num_classes, f"data: {cfg.name} {split} set")
     if cfg.train_fraction < 1:
         keep = stratified_subset(datasets.train.targets, cfg.train_fraction, cfg.split_seed)
         datasets.train = Subset(datasets.train, keep)
     return datasets
+
+
+class SeededSamples(Dataset):
+    """A training set whose random transforms are a pure function of (seed, epoch, index).
+
+    Batches then depend neither on torch's global RNG nor on workers or prefetching, so a run stopped
+    mid-epoch resumes to the very same batches. The trainer calls `set_epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
+            return self.dataset[index]
+
+
+def unreadable_flags(dataset: Dataset) -> torch.Tensor | None:
+    """The shared per-file flags of images skipped as unreadable, or None for a dataset that never skips."""
+    while isinstance(dataset, (Subset, SeededSamples)):
+        dataset = dataset.dataset
+    return dataset.unreadable if isinstance(dataset, CheckedImageFolder) and dataset.bad_images == "skip" else None
 
 
 def build_loader(dataset: Dataset, cfg: DataConfig, *, train: bool, batch_size: int | None = None) -> DataLoader:
@@ -217,5 +286,6 @@ def build_loader(dataset: Dataset, cfg: DataConfig, *, train: bool, batch_size: 
         drop_last=train,
         num_workers=cfg.workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-        persistent_workers=cfg.workers > 0,
+        # Persistent workers would keep a copy of the training set from before its `set_epoch`.
+        persistent_workers=cfg.workers > 0 and not train,
     )

@@ -23,6 +23,14 @@ class CheckFailed(KdtoolError):
     exit_code = 1
 
 
+class Interrupted(KdtoolError):
+    """Stopped by SIGINT or SIGTERM: the CLI exits 128 + the signal number (130, 143) with this message."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def closest(name: str, choices) -> str:
     """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -7,27 +7,29 @@ runs on one CPU, one GPU or `accelerate launch` across GPUs and nodes.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
 import math
-import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from kdtool.augment import JDAParams, JointAugment, build_jda, joint_batch
 from kdtool.checkpoint import load_training_state, read_state, save_checkpoint
-from kdtool.data import DataInfo, Datasets, build_datasets, build_loader, normalize
-from kdtool.errors import CheckFailed, KdtoolError
+from kdtool.data import DataInfo, Datasets, SeededSamples, build_datasets, build_loader, normalize, unreadable_flags
+from kdtool.errors import CheckFailed, Interrupted, KdtoolError
 from kdtool.evaluate import classification_metrics, predict
 from kdtool.io import write_json_atomic, write_text_atomic
 from kdtool.losses import LossFn, build_loss
@@ -105,6 +107,57 @@ def run_lock(run_dir: Path):
         yield
 
 
+class StopRequest:
+    """SIGINT/SIGTERM seen during `fit`: the loop saves at the next step boundary, then stops."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was signalled; every process must call this at the same step."""
+        if accelerator.num_processes > 1:
+            seen = torch.tensor([self.signum], device=accelerator.device)
+            self.signum = int(accelerator.gather(seen).max())
+        return self.signum != 0
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGINT/SIGTERM into a `StopRequest` for the block; a second signal stops at once, unsaved."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield request
+        return
+
+    def handler(signum, _frame):
+        if request.signum:
+            raise Interrupted(f"stopped by a second {signal.Signals(signum).name} before saving; "
+                              "--resume continues from the last checkpoint", signum)
+        request.signum = signum
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _rng_snapshot(device: torch.device) -> dict[str, str]:
+    """torch's global RNG states (dropout draws from them), as JSON-friendly base64."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return {name: base64.b64encode(state.numpy().tobytes()).decode() for name, state in states.items()}
+
+
+def _restore_rng(snapshot: dict[str, str], device: torch.device) -> None:
+    decode = lambda name: torch.frombuffer(bytearray(base64.b64decode(snapshot[name])), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(decode("cpu"))
+    if device.type == "cuda" and "cuda" in snapshot:
+        torch.cuda.set_rng_state(decode("cuda"), device)
+
+
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop records written after the checkpoint we resume from (a killed run may have left some)."""
     if not path.exists():
@@ -151,24 +204,29 @@ def fit(
     views = views if augment is not None else 0
     device = accelerator.device
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
-    train_loader = build_loader(datasets.train, data_cfg, train=True)
+    train_set = SeededSamples(datasets.train, seed)
+    train_loader = build_loader(train_set, data_cfg, train=True)
     val_loader = build_loader(datasets.val, data_cfg, train=False)
-    if len(train_loader) == 0:
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
         raise KdtoolError(f"data.batch_size: {data_cfg.batch_size} is larger than the {len(datasets.train)} training images")
     set_seed(seed)  # the sampler's base seed is read from torch's seed in prepare()
     model = model.to(memory_format=memory_format)
     if accelerator.num_processes > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, train_cfg.optimizer)
-    steps_per_epoch = math.ceil(len(train_loader) / train_cfg.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_cfg, steps_per_epoch))
     if runtime.compile:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    unreadable_train, unreadable_val = unreadable_flags(datasets.train), unreadable_flags(datasets.val)
 
     start_epoch, step, best_top1 = 0, 0, -1.0
+    resumed: dict = {}  # the part of an epoch a mid-epoch checkpoint had done
+    last_record: dict = {}
     metrics_path = out_dir / METRICS_FILE
     if resume and (out_dir / "last").exists():
         state, optimizer_state, scheduler_state = load_training_state(out_dir / "last")
@@ -176,6 +234,8 @@ def fit(
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
         start_epoch, step, best_top1 = state["epoch"], state["step"], state["best_top1"]
+        resumed = state.get("mid_epoch", {})
+        last_record = state["metrics"]
         if accelerator.is_main_process:
             _truncate_metrics(metrics_path, start_epoch)
     elif accelerator.is_main_process:
@@ -187,89 +247,122 @@ def fit(
         teacher_val_logits, val_targets = predict(teacher, val_loader, info, accelerator, channels_last=runtime.channels_last)
         teacher_val = classification_metrics(teacher_val_logits, val_targets)
 
-    last_record: dict = {}
+    def save(state: dict, is_best: bool = False) -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(out_dir, model_state=accelerator.unwrap_model(model).state_dict(),
+                            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                            state={"step": step, "best_top1": best_top1, "seed": seed, **state}, is_best=is_best)
+
+    def interrupted(signum: int, where: str) -> Interrupted:
+        return Interrupted(f"{label}: stopped by {signal.Signals(signum).name} {where} (step {step}); "
+                           f"saved {out_dir / 'last'}; --resume continues from there", signum)
+
     total_steps = min(train_cfg.epochs * steps_per_epoch, train_cfg.max_steps or math.inf)
-    for epoch in range(start_epoch, train_cfg.epochs):
-        if step >= total_steps:
-            break
-        set_seed(seed * 1000 + epoch)  # the state at an epoch boundary is a function of (seed, epoch)
-        train_loader.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(train_loader, desc=f"{label} {epoch + 1}/{train_cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (progress and accelerator.is_local_main_process))
-        for i, (images, targets) in enumerate(bar):
-            images = images.to(device, non_blocking=True).float().div_(255)
-            if views:
-                params = local_jda_params(augment, views, images.shape[0], accelerator, step_generator(seed, step, device))
-                images = joint_batch(images, augment, views, params)
-            inputs = normalize(images, info).contiguous(memory_format=memory_format)
-            if teacher is not None and teacher_in_loss:
-                with torch.no_grad(), accelerator.autocast():
-                    if views and not teacher_sees_views:
-                        teacher_logits = teacher(inputs[: targets.shape[0]]).repeat(1 + views, 1)
-                    else:
-                        teacher_logits = teacher(inputs)
-            else:
-                teacher_logits = None
-            syncing = (i + 1) % train_cfg.grad_accum == 0 or i + 1 == len(train_loader)
-            with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
-                parts = loss_fn(model(inputs), teacher_logits, targets, views)
-                accelerator.backward(parts["loss"] / train_cfg.grad_accum)
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0) + value.detach()
-            if syncing:
-                if train_cfg.clip_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), train_cfg.clip_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-            if (i + 1) % LOG_EVERY == 0 or i + 1 == len(train_loader):
-                loss_value = parts["loss"].item()
-                if not math.isfinite(loss_value):
-                    kept = f"the last good checkpoint is {out_dir / 'last'}" if (out_dir / "last").exists() else "no checkpoint was written"
-                    raise CheckFailed(f"{label}: loss became {loss_value} at epoch {epoch + 1}, step {step}; {kept} (learning rate too high?)")
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+    with stop_on_signals() as stop:
+        for epoch in range(start_epoch, train_cfg.epochs):
             if step >= total_steps:
                 break
-        bar.close()
-        train_seconds = time.perf_counter() - started
-        finished = epoch + 1 == train_cfg.epochs or step >= total_steps
+            set_seed(seed * 1000 + epoch)  # the state at an epoch boundary is a function of (seed, epoch)
+            train_loader.set_epoch(epoch)
+            train_set.set_epoch(epoch)  # Accelerate forwards set_epoch to the dataset on one process only
+            skip = resumed.get("batches", 0)
+            loader = skip_first_batches(train_loader, skip) if skip else train_loader
+            sums = {name: torch.tensor(value, device=device) for name, value in resumed.get("sums", {}).items()}
+            if unreadable_train is not None:
+                unreadable_train.zero_()
+                unreadable_train[resumed.get("unreadable_images", [])] = True
+            model.train()
+            started = time.perf_counter()
+            bar = tqdm(loader, desc=f"{label} {epoch + 1}/{train_cfg.epochs}", leave=False, dynamic_ncols=True,
+                       initial=skip, total=batches_per_epoch,
+                       disable=not (progress and accelerator.is_local_main_process))
+            stopped_after = 0
+            for i, (images, targets) in enumerate(bar, start=skip):
+                if resumed:  # the first batch after a mid-epoch checkpoint: dropout draws continue from it
+                    _restore_rng(resumed["rng"], device)
+                    resumed = {}
+                images = images.to(device, non_blocking=True).float().div_(255)
+                if views:
+                    params = local_jda_params(augment, views, images.shape[0], accelerator, step_generator(seed, step, device))
+                    images = joint_batch(images, augment, views, params)
+                inputs = normalize(images, info).contiguous(memory_format=memory_format)
+                if teacher is not None and teacher_in_loss:
+                    with torch.no_grad(), accelerator.autocast():
+                        if views and not teacher_sees_views:
+                            teacher_logits = teacher(inputs[: targets.shape[0]]).repeat(1 + views, 1)
+                        else:
+                            teacher_logits = teacher(inputs)
+                else:
+                    teacher_logits = None
+                syncing = (i + 1) % train_cfg.grad_accum == 0 or i + 1 == batches_per_epoch
+                with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
+                    parts = loss_fn(model(inputs), teacher_logits, targets, views)
+                    accelerator.backward(parts["loss"] / train_cfg.grad_accum)
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0) + value.detach()
+                if syncing:
+                    if train_cfg.clip_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), train_cfg.clip_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                stopping = syncing and stop.agreed(accelerator)
+                if (i + 1) % LOG_EVERY == 0 or i + 1 == batches_per_epoch or stopping:
+                    loss_value = parts["loss"].item()
+                    if not math.isfinite(loss_value):
+                        kept = f"the last good checkpoint is {out_dir / 'last'}" if (out_dir / "last").exists() else "no checkpoint was written"
+                        raise CheckFailed(f"{label}: loss became {loss_value} at epoch {epoch + 1}, step {step}; {kept} (learning rate too high?)")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+                if stopping:
+                    stopped_after = i + 1
+                    break
+                if step >= total_steps:
+                    break
+            bar.close()
+            if stopped_after and stopped_after < batches_per_epoch:
+                mid_epoch = {"batches": stopped_after, "sums": {k: v.item() for k, v in sums.items()},
+                             "rng": _rng_snapshot(device)}
+                if unreadable_train is not None:
+                    mid_epoch["unreadable_images"] = unreadable_train.nonzero().flatten().tolist()
+                save({"epoch": epoch, "mid_epoch": mid_epoch, "finished": False, "metrics": last_record})
+                raise interrupted(stop.signum, f"at epoch {epoch + 1}, batch {stopped_after}/{batches_per_epoch}")
+            train_seconds = time.perf_counter() - started
+            finished = epoch + 1 == train_cfg.epochs or step >= total_steps
 
-        record = {"stage": label, "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
-        record.update({f"train_{k}": (v / (i + 1)).item() for k, v in sums.items()})
-        evaluate_now = (epoch + 1) % train_cfg.eval_every == 0 or finished
-        if evaluate_now:
-            logits, val_targets = predict(model, val_loader, info, accelerator, channels_last=runtime.channels_last)
-            record.update({f"val_{k}": v for k, v in classification_metrics(logits, val_targets, teacher_val_logits).items()})
-            if teacher is not None:
-                record.update({f"teacher_val_{k}": v for k, v in teacher_val.items()})
-        record["train_seconds"] = round(train_seconds, 3)
-        record["epoch_seconds"] = round(time.perf_counter() - started, 3)
-        is_best = evaluate_now and record["val_top1"] > best_top1
-        best_top1 = record["val_top1"] if is_best else best_top1
-        if accelerator.is_main_process:
-            save_checkpoint(
-                out_dir,
-                model_state=accelerator.unwrap_model(model).state_dict(),
-                optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
-                state={"epoch": epoch + 1, "step": step, "best_top1": best_top1, "seed": seed,
-                       "rng": {"epoch_seed": seed * 1000 + epoch, "jda_seed": seed},
-                       "finished": finished, "metrics": record},
-                is_best=is_best,
-            )
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            record = {"stage": label, "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
+            record.update({f"train_{k}": (v / (i + 1)).item() for k, v in sums.items()})
+            if unreadable_train is not None:
+                record["skipped_images"] = int(unreadable_train.sum())
+            evaluate_now = (epoch + 1) % train_cfg.eval_every == 0 or finished
             if evaluate_now:
-                shown = ", ".join(f"{k}={v:.2f}" for k, v in record.items() if k.startswith("val_"))
-                tqdm.write(f"{label} epoch {epoch + 1}/{train_cfg.epochs}: loss={record['train_loss']:.4f} {shown}")
-        accelerator.wait_for_everyone()
-        last_record = record
+                logits, val_targets = predict(model, val_loader, info, accelerator, channels_last=runtime.channels_last)
+                record.update({f"val_{k}": v for k, v in classification_metrics(logits, val_targets, teacher_val_logits).items()})
+                if teacher is not None:
+                    record.update({f"teacher_val_{k}": v for k, v in teacher_val.items()})
+                if unreadable_val is not None:
+                    record["skipped_val_images"] = int(unreadable_val.sum())
+            record["train_seconds"] = round(train_seconds, 3)
+            record["epoch_seconds"] = round(time.perf_counter() - started, 3)
+            is_best = evaluate_now and record["val_top1"] > best_top1
+            best_top1 = record["val_top1"] if is_best else best_top1
+            save({"epoch": epoch + 1, "rng": {"epoch_seed": seed * 1000 + epoch, "jda_seed": seed},
+                  "finished": finished, "metrics": record}, is_best=is_best)
+            if accelerator.is_main_process:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                if evaluate_now:
+                    shown = ", ".join(f"{k}={v:.2f}" for k, v in record.items() if k.startswith("val_"))
+                    tqdm.write(f"{label} epoch {epoch + 1}/{train_cfg.epochs}: loss={record['train_loss']:.4f} {shown}")
+                if record.get("skipped_images") or record.get("skipped_val_images"):
+                    tqdm.write(f"{label} epoch {epoch + 1}: skipped {record['skipped_images']} unreadable training image(s)"
+                               f" and {record.get('skipped_val_images', 0)} validation image(s) (data.bad_images: skip)")
+            accelerator.wait_for_everyone()
+            last_record = record
+            if stop.agreed(accelerator):
+                raise interrupted(stop.signum, f"after epoch {epoch + 1}")
     best_state = read_state(out_dir / "best") if (out_dir / "best").exists() else {}
-    return FitResult(best=best_state.get("metrics", {}), last=last_record or read_state(out_dir / "last")["metrics"], out_dir=out_dir)
+    return FitResult(best=best_state.get("metrics", {}), last=last_record, out_dir=out_dir)
 
 
 # ------------------------------------------------------------------ the stage

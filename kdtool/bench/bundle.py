@@ -8,6 +8,7 @@ from torch import nn
 
 from kdtool.errors import KdtoolError
 from kdtool.export import MANIFEST_FILE, read_manifest
+from kdtool.io import sha256_file
 
 ARTEFACT_KINDS = ("onnx", "tensorrt")
 
@@ -51,6 +52,15 @@ def _require(manifest: dict, keys: tuple[str, ...], source: Path):
     return node
 
 
+def _check_content(key: str, path: Path, entry: dict, source: Path) -> None:
+    """KdtoolError when an artefact's size or sha256 differs from its manifest entry (truncated or replaced)."""
+    if "size_bytes" in entry and path.stat().st_size != entry["size_bytes"]:
+        raise KdtoolError(f"artefact {key!r} {path} is {path.stat().st_size} bytes, {source} says {entry['size_bytes']} "
+                          f"(truncated or replaced; export the bundle again)")
+    if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+        raise KdtoolError(f"artefact {key!r} {path} does not match the sha256 in {source} (replaced? export the bundle again)")
+
+
 def load_bundle(bundle_dir: Path) -> Bundle:
     """Validate a bundle: manifest keys, every listed artefact present, the training run present."""
     bundle_dir = Path(bundle_dir)
@@ -67,6 +77,7 @@ def load_bundle(bundle_dir: Path) -> Bundle:
         path = bundle_dir / file
         if not path.is_file():
             raise KdtoolError(f"artefact {key!r} listed in {source} is missing: {path}")
+        _check_content(key, path, listed[key], source)
         artefacts.append(Artefact(key, precision, kind, path))
     for keys in (("preprocessing", "image_size"), ("preprocessing", "mean"), ("preprocessing", "std")):
         _require(manifest, keys, source)

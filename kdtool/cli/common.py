@@ -23,6 +23,11 @@ def _debug_enabled(ctx: click.Context | None) -> bool:
     return os.environ.get("KDTOOL_DEBUG", "") not in ("", "0")
 
 
+def _one_line(message: str) -> str:
+    """`message` with line breaks and other control characters escaped (a recipe key may hold a "\\r")."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def handle_errors(command):
     """Turn library errors (and OS errors on user paths) into one-line messages with exit codes."""
 
@@ -36,10 +41,12 @@ def handle_errors(command):
                 raise
             code = getattr(exc, "exit_code", 2)
             message = str(exc) if isinstance(exc, KdtoolError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-            click.secho(f"Error: {message}", fg="red", err=True)
+            click.secho(f"Error: {_one_line(message)}", fg="red", err=True)
             ctx.exit(code)
-        except KeyboardInterrupt:
-            click.secho("Interrupted.", fg="yellow", err=True)
+        except KeyboardInterrupt:  # SIGINT outside training, where nothing is saved on the way out
+            if _debug_enabled(ctx):
+                raise
+            click.secho("Error: interrupted by SIGINT", fg="red", err=True)
             ctx.exit(130)
 
     return wrapper
