@@ -168,6 +168,58 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
 
 # ------------------------------------------------------------------ the loop
 @dataclass
+class TrainStep:
+    """One training step: JDA views, frozen-teacher logits, the loss, backward, and (when syncing) the update."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: LossFn
+    accelerator: Accelerator
+    info: DataInfo
+    train_cfg: TrainConfig
+    seed: int
+    memory_format: torch.memory_format
+    teacher: Optional[nn.Module] = None
+    augment: Optional[JointAugment] = None
+    views: int = 0
+    teacher_sees_views: bool = True
+
+    def inputs(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """uint8 originals -> the normalised joint batch [originals; view 1; ...] on the device."""
+        device = self.accelerator.device
+        images = images.to(device, non_blocking=True).float().div_(255)
+        if self.views:
+            generator = step_generator(self.seed, step, device)
+            params = local_jda_params(self.augment, self.views, images.shape[0], self.accelerator, generator)
+            images = joint_batch(images, self.augment, self.views, params)
+        return normalize(images, self.info).contiguous(memory_format=self.memory_format)
+
+    def teacher_logits(self, inputs: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+        if self.teacher is None:
+            return None
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.views and not self.teacher_sees_views:
+                return self.teacher(inputs[:batch]).repeat(1 + self.views, 1)
+            return self.teacher(inputs)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int, syncing: bool) -> dict:
+        """Forward and backward one batch; the optimizer steps only when `syncing`. Returns the loss parts."""
+        inputs = self.inputs(images, step)
+        teacher_logits = self.teacher_logits(inputs, targets.shape[0])
+        with contextlib.nullcontext() if syncing else self.accelerator.no_sync(self.model):
+            parts = self.loss_fn(self.model(inputs), teacher_logits, targets, self.views)
+            self.accelerator.backward(parts["loss"] / self.train_cfg.grad_accum)
+        if syncing:
+            if self.train_cfg.clip_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.train_cfg.clip_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return parts
+
+
+@dataclass
 class FitResult:
     best: dict
     last: dict
@@ -222,6 +274,8 @@ def fit(
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    train_step = TrainStep(model, optimizer, scheduler, loss_fn, accelerator, info, train_cfg, seed, memory_format,
+                           teacher if teacher_in_loss else None, augment, views, teacher_sees_views)
     unreadable_train, unreadable_val = unreadable_flags(datasets.train), unreadable_flags(datasets.val)
 
     start_epoch, step, best_top1 = 0, 0, -1.0
@@ -281,32 +335,11 @@ def fit(
                 if resumed:  # the first batch after a mid-epoch checkpoint: dropout draws continue from it
                     _restore_rng(resumed["rng"], device)
                     resumed = {}
-                images = images.to(device, non_blocking=True).float().div_(255)
-                if views:
-                    params = local_jda_params(augment, views, images.shape[0], accelerator, step_generator(seed, step, device))
-                    images = joint_batch(images, augment, views, params)
-                inputs = normalize(images, info).contiguous(memory_format=memory_format)
-                if teacher is not None and teacher_in_loss:
-                    with torch.no_grad(), accelerator.autocast():
-                        if views and not teacher_sees_views:
-                            teacher_logits = teacher(inputs[: targets.shape[0]]).repeat(1 + views, 1)
-                        else:
-                            teacher_logits = teacher(inputs)
-                else:
-                    teacher_logits = None
                 syncing = (i + 1) % train_cfg.grad_accum == 0 or i + 1 == batches_per_epoch
-                with contextlib.nullcontext() if syncing else accelerator.no_sync(model):
-                    parts = loss_fn(model(inputs), teacher_logits, targets, views)
-                    accelerator.backward(parts["loss"] / train_cfg.grad_accum)
+                parts = train_step(images, targets, step, syncing)
                 for name, value in parts.items():
                     sums[name] = sums.get(name, 0) + value.detach()
-                if syncing:
-                    if train_cfg.clip_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), train_cfg.clip_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
+                step += syncing
                 stopping = syncing and stop.agreed(accelerator)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == batches_per_epoch or stopping:
                     loss_value = parts["loss"].item()
