@@ -9,12 +9,14 @@ import yaml
 from click.testing import CliRunner
 
 import kdtool.sweep as sweep_module
+import kdtool.train as train_module
 from kdtool.cli import cli
 from kdtool.errors import KdtoolError
 from kdtool.sweep import parse_grid, run_sweep, summarise, sweep_cells
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
-TINY = ("train.epochs=1", "teacher.train.epochs=1", "data.train_fraction=0.2")
+TINY = ("teacher.name=resnet8", "train.epochs=1", "teacher.train.epochs=1", "data.image_size=8",
+        "data.train_fraction=0.1", "data.batch_size=16")
 GRID = {"method.name": ["kd", "ccd"], "augment.jda.p": [0.3]}
 
 
@@ -86,7 +88,13 @@ def test_rerun_skips_finished_cells_and_resumes_an_unfinished_one(finished_sweep
         return real_distill(recipe, run_dir, **kwargs)
 
     monkeypatch.setattr(sweep_module, "distill", counting_distill)
-    monkeypatch.setattr(sweep_module, "fit", lambda *a, **k: pytest.fail("the teacher was trained again"))
+    real_fit = train_module.fit
+
+    def fit_students_only(*args, **kwargs):
+        assert kwargs["label"] != "teacher", "the teacher was trained again"
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_students_only)
     unfinished = Path(rows[2]["run_dir"])
     (unfinished / "summary.json").unlink()
     again = run_sweep(RECIPE, GRID, seeds=2, overrides=TINY, out=out, progress=False)
