@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kdtool.errors import KdtoolError
+from kdtool.errors import CheckFailed, KdtoolError
 from kdtool.recipe import Recipe, load_recipe
 
 
@@ -23,9 +23,12 @@ def _debug_enabled(ctx: click.Context | None) -> bool:
     return os.environ.get("KDTOOL_DEBUG", "") not in ("", "0")
 
 
-def _one_line(message: str) -> str:
-    """`message` with line breaks and other control characters escaped (a recipe key may hold a "\\r")."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+def _printable(message: str, keep_newlines: bool) -> str:
+    """`message` with control characters escaped (a recipe key may hold a "\\r").
+
+    Bad input is reported on one line; a failed check may keep its line breaks for a table of what failed.
+    """
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1] for c in message)
 
 
 def handle_errors(command):
@@ -41,7 +44,7 @@ def handle_errors(command):
                 raise
             code = getattr(exc, "exit_code", 2)
             message = str(exc) if isinstance(exc, KdtoolError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-            click.secho(f"Error: {_one_line(message)}", fg="red", err=True)
+            click.secho(f"Error: {_printable(message, keep_newlines=isinstance(exc, CheckFailed))}", fg="red", err=True)
             ctx.exit(code)
         except KeyboardInterrupt:  # SIGINT outside training, where nothing is saved on the way out
             if _debug_enabled(ctx):

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from figures import FAULTS
 from kdtool.cli import cli
-from kdtool.cli.common import _one_line as shown_in_error
+
+from kdtool.cli.common import _printable
 from runs import QUICKSTART
 
 BASE = yaml.safe_load(QUICKSTART.read_text())
@@ -76,7 +77,7 @@ def test_fuzzed_recipe_is_accepted_or_names_the_key(mutation):
         recipe_file = Path(folder) / "fuzzed.yaml"
         recipe_file.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         line = check(recipe_file)
-    assert not line or shown_in_error(key) in line, (key, line)
+    assert not line or _printable(key, keep_newlines=False) in line, (key, line)
 
 
 def test_empty_and_binary_files_name_the_file(tmp_path):
