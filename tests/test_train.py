@@ -60,6 +60,13 @@ def test_existing_run_dir_is_refused_and_resume_needs_a_checkpoint(cli_runner, t
     assert "nothing to resume" in one_line_error(cli_runner("distill", QUICKSTART, "--resume", "--out", tmp_path / "empty"))
 
 
+def test_run_refuses_an_existing_bundle_before_training(cli_runner, tmp_path):
+    (tmp_path / "export" / "quickstart").mkdir(parents=True)
+    line = one_line_error(cli_runner("run", QUICKSTART, *sum([["--set", o] for o in FAST], [])))
+    assert "bundle directory export/quickstart exists" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resume_with_another_recipe_is_refused(cli_runner, finished_run):
     run_dir, _ = finished_run
     args = sum([["--set", o] for o in FAST], [])

@@ -55,14 +55,19 @@ def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
     """
     from kdtool.train import distill as run_distill
 
+    from kdtool.cli.export import print_artefacts
+    from kdtool.errors import KdtoolError
+    from kdtool.export import bundle_dir_for, export_bundle
+
     recipe = read_recipe(recipe_path, overrides, seed)
     run_dir = out or Path("runs") / recipe.name
+    bundle_dir = bundle_dir_for(recipe)
+    if recipe.export.enabled and bundle_dir.exists() and not (overwrite or resume):
+        # Checked before training, so a finished run never ends on this.
+        raise KdtoolError(f"bundle directory {bundle_dir} exists; pass --overwrite to replace it or set export.name")
     summary = run_distill(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
     _print_summary(summary)
     if recipe.export.enabled:
-        from kdtool.cli.export import print_artefacts
-        from kdtool.export import export_bundle
-
         bundle = export_bundle(run_dir, overwrite=overwrite or resume, progress=progress)
         print_artefacts(bundle)
         if recipe.bench.enabled:
