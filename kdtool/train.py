@@ -364,7 +364,8 @@ def fit(
             finished = epoch + 1 == train_cfg.epochs or step >= total_steps
 
             record = {"stage": label, "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0]}
-            record.update({f"train_{k}": (v / (i + 1)).item() for k, v in sums.items()})
+            # Each process summed its share of every batch; the record holds the mean over all of them.
+            record.update({f"train_{k}": (accelerator.reduce(v, "mean") / (i + 1)).item() for k, v in sums.items()})
             if unreadable_train is not None:
                 record["skipped_images"] = int(unreadable_train.sum())
             evaluate_now = (epoch + 1) % train_cfg.eval_every == 0 or finished
