@@ -79,6 +79,11 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     return 1.0
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed every RNG is reset to at the start of `epoch`: the state there depends on (seed, epoch) alone."""
+    return seed * 1000 + epoch
+
+
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator for one step's augmentation draws, a pure function of (seed, step)."""
     generator = torch.Generator(device=device)
@@ -316,7 +321,7 @@ def fit(
         for epoch in range(start_epoch, train_cfg.epochs):
             if step >= total_steps:
                 break
-            set_seed(seed * 1000 + epoch)  # the state at an epoch boundary is a function of (seed, epoch)
+            set_seed(epoch_seed(seed, epoch))
             train_loader.set_epoch(epoch)
             train_set.set_epoch(epoch)  # Accelerate forwards set_epoch to the dataset on one process only
             skip = resumed.get("batches", 0)
@@ -380,7 +385,7 @@ def fit(
             record["epoch_seconds"] = round(time.perf_counter() - started, 3)
             is_best = evaluate_now and record["val_top1"] > best_top1
             best_top1 = record["val_top1"] if is_best else best_top1
-            save({"epoch": epoch + 1, "rng": {"epoch_seed": seed * 1000 + epoch, "jda_seed": seed},
+            save({"epoch": epoch + 1, "rng": {"epoch_seed": epoch_seed(seed, epoch), "jda_seed": seed},
                   "finished": finished, "metrics": record}, is_best=is_best)
             if accelerator.is_main_process:
                 with open(metrics_path, "a") as handle:
