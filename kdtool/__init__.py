@@ -15,7 +15,8 @@ from kdtool.evaluate import classification_metrics, predict, topk_accuracy
 from kdtool.losses import METHODS, build_loss, ccd, kd, vanilla
 from kdtool.models import MODELS, build_model
 from kdtool.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
-from kdtool.train import distill, fit, load_student, load_teacher
+from kdtool.rundir import load_student, load_teacher
+from kdtool.train import distill, fit
 from kdtool.export import export_bundle
 from kdtool.bench import run_bench
 from kdtool.sweep import run_sweep

@@ -16,14 +16,13 @@ points at are removed afterwards.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from kdtool.errors import KdtoolError
-from kdtool.io import read_json_object, staging_dir, write_json_atomic
+from kdtool.io import read_json_object, remove_tree_inside, staging_dir, write_json_atomic
 
 STATE_JSON = "state.json"
 
@@ -78,9 +77,9 @@ def save_checkpoint(out_dir: Path, *, model_state: dict, optimizer_state: dict, 
         _point(out_dir / "best", relative)
     _point(out_dir / "last", relative)
     keep = {os.path.realpath(out_dir / link) for link in ("last", "best") if (out_dir / link).exists()}
-    for child in (out_dir / "checkpoints").iterdir():
+    for child in (out_dir / "checkpoints").iterdir():  # checkpoints/ itself may be a symlink: stay inside the run
         if child.is_dir() and os.path.realpath(child) not in keep and not child.name.startswith("."):
-            shutil.rmtree(child, ignore_errors=True)
+            remove_tree_inside(out_dir, child)
     return target
 
 

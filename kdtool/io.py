@@ -101,3 +101,61 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ ownership
+def forbidden_target(path: Path) -> str | None:
+    """Why kdtool may never delete or replace `path` (the working directory, one of its parents,
+    the home directory, the filesystem root, or a symlink), or None."""
+    path = Path(path)
+    if path.is_symlink():
+        return "it is a symbolic link"
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "it is the working directory or one of its parents"
+    if resolved == Path.home().resolve() or resolved == Path(resolved.anchor):
+        return "it is the home directory or the filesystem root"
+    return None
+
+
+def check_replaceable(path: Path, marker: str, kind: str) -> None:
+    """KdtoolError unless `path` is absent, empty, or a `kind` kdtool made (it holds `marker`).
+
+    `marker` is the file kdtool writes into every directory of that kind; a directory without it,
+    or one of the forbidden places above, is never deleted, whatever the flags say.
+    """
+    from kdtool.errors import KdtoolError
+
+    path = Path(path)
+    why = forbidden_target(path)
+    if why:
+        raise KdtoolError(f"refusing to replace {path}: {why}")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise KdtoolError(f"refusing to replace {path}: it is a file, not a {kind}")
+    if any(path.iterdir()) and not (path / marker).is_file():
+        raise KdtoolError(f"refusing to replace {path}: it is not a {kind} made by kdtool (no {marker}); "
+                          f"choose another directory or remove it yourself")
+
+
+def remove_tree_inside(root: Path, child: Path) -> None:
+    """Delete `child`, a directory inside `root`, without following a symlink out of `root`.
+
+    A symlinked `child` loses only the link; shutil.rmtree itself never descends into symlinks.
+    """
+    root, child = Path(root), Path(child)
+    if child.is_symlink() or not child.is_dir():
+        child.unlink(missing_ok=True)
+        return
+    if not child.resolve().is_relative_to(root.resolve()):
+        return  # reached through a symlinked parent: not ours to delete
+    shutil.rmtree(child, ignore_errors=True)
+
+
+def clear_directory(directory: Path, keep: tuple[str, ...] = ()) -> None:
+    """Empty `directory` (already checked with `check_replaceable`), never following symlinks."""
+    for child in Path(directory).iterdir():
+        if child.name not in keep:
+            remove_tree_inside(directory, child)

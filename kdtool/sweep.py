@@ -24,7 +24,8 @@ from kdtool.errors import KdtoolError
 from kdtool.io import write_text_atomic
 from kdtool.models import build_model
 from kdtool.recipe import Recipe, RecipeError, load_recipe, parse_override, save_recipe
-from kdtool.train import SUMMARY_FILE, build_accelerator, distill, is_finished, run_lock, train_teacher
+from kdtool.rundir import SUMMARY_FILE, is_finished, run_lock
+from kdtool.train import build_accelerator, distill, train_teacher
 
 RESULTS_FILE = "results.csv"
 TABLE_MD = "table.md"

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -27,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kdtool.augment import JDAParams, JointAugment, build_jda, joint_batch
-from kdtool.checkpoint import load_training_state, read_state, save_checkpoint
+from kdtool.checkpoint import load_training_state, save_checkpoint
 from kdtool.data import DataInfo, Datasets, SeededSamples, build_datasets, build_loader, normalize, unreadable_flags
 from kdtool.errors import CheckFailed, Interrupted, KdtoolError
 from kdtool.evaluate import classification_metrics, predict
@@ -35,10 +33,11 @@ from kdtool.io import write_json_atomic, write_text_atomic
 from kdtool.losses import LossFn, build_loss
 from kdtool.models import build_model, load_weights, read_state_dict
 from kdtool.recipe import DataConfig, MethodConfig, OptimizerConfig, Recipe, RuntimeConfig, TrainConfig, dump_recipe, load_recipe, save_recipe
+from kdtool.rundir import (
+    METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, check_run_target, claim, clear_run, has_checkpoint, has_content, is_finished,
+    load_student, load_teacher, read_state, run_lock,
+)
 
-RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 LOG_EVERY = 10
 
 
@@ -98,18 +97,6 @@ def local_jda_params(augment: JointAugment, views: int, local_batch: int, accele
     drawn = augment.sample(views * local_batch * world, generator, accelerator.device)
     take = lambda t: t.view(views, world, local_batch, -1)[:, rank].reshape(views * local_batch, -1)  # noqa: E731
     return JDAParams(fire=take(drawn.fire), sign=take(drawn.sign))
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Refuse a second kdtool process on the same run directory."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KdtoolError(f"run directory {run_dir} is in use by another kdtool process") from None
-        yield
 
 
 class StopRequest:
@@ -287,7 +274,7 @@ def fit(
     resumed: dict = {}  # the part of an epoch a mid-epoch checkpoint had done
     last_record: dict = {}
     metrics_path = out_dir / METRICS_FILE
-    if resume and (out_dir / "last").exists():
+    if resume and has_checkpoint(out_dir):
         state, optimizer_state, scheduler_state = load_training_state(out_dir / "last")
         load_weights(accelerator.unwrap_model(model), read_state_dict(out_dir / "last"), str(out_dir / "last"))
         optimizer.load_state_dict(optimizer_state)
@@ -406,23 +393,24 @@ def fit(
 
 # ------------------------------------------------------------------ the stage
 def prepare_run_dir(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> None:
-    """Create, check or clear the run directory; never touches an existing run unless told to."""
+    """Create, check or clear the run directory (already checked by `check_run_target`).
+
+    An existing run is continued only with `resume` and replaced only with `overwrite`.
+    """
     saved = run_dir / RECIPE_FILE
     if resume:
-        if not saved.exists() or not ((run_dir / "last").exists() or (run_dir / "teacher" / "last").exists()):
+        if not saved.exists() or not (has_checkpoint(run_dir) or has_checkpoint(run_dir / "teacher")):
             raise KdtoolError(f"--resume: nothing to resume in {run_dir} (no checkpoint)")
         before = load_recipe(saved)
         if dump_recipe(before) != dump_recipe(recipe):
             changed = _first_difference(before.model_dump(), recipe.model_dump())
             raise KdtoolError(f"--resume: the recipe differs from the one {run_dir} was started with (at {changed})")
         return
-    if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
+    if has_content(run_dir):
         if not overwrite:
             raise KdtoolError(f"run directory {run_dir} exists; pass --resume to continue it or --overwrite to replace it")
-        for child in run_dir.iterdir():
-            if child.name != ".lock":
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        clear_run(run_dir)
+    claim(run_dir)
     save_recipe(recipe, saved)
 
 
@@ -432,29 +420,6 @@ def _first_difference(a, b, prefix: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
     return prefix.rstrip(".") or "(top level)"
-
-
-def teacher_source(run_dir: Path, recipe: Recipe) -> Optional[str]:
-    """Where the teacher's weights are: the recipe's, or the teacher trained in this run."""
-    return recipe.teacher.weights or str(Path(run_dir) / "teacher" / "best")
-
-
-def load_teacher(run_dir: Path, recipe: Recipe, num_classes: int) -> nn.Module:
-    """The run's teacher, frozen, on the CPU."""
-    return build_model(recipe.teacher.name, num_classes, teacher_source(run_dir, recipe)).eval().requires_grad_(False)
-
-
-def load_student(run_dir: Path, recipe: Recipe, num_classes: int, which: str = "best") -> nn.Module:
-    """The run's student from its `best` (or `last`) checkpoint, in eval mode, on the CPU."""
-    checkpoint = Path(run_dir) / which
-    if not checkpoint.exists():
-        raise KdtoolError(f"run {run_dir} has no {which} student checkpoint (did distillation finish an epoch?)")
-    return build_model(recipe.student.name, num_classes, str(checkpoint)).eval()
-
-
-def is_finished(out_dir: Path) -> bool:
-    """Whether the training in `out_dir` ran to its last epoch."""
-    return (out_dir / "last").exists() and read_state(out_dir / "last").get("finished", False)
 
 
 def train_teacher(recipe: Recipe, teacher: nn.Module, datasets: Datasets, teacher_dir: Path, accelerator: Accelerator,
@@ -482,6 +447,8 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
     jda = recipe.augment.jda
     augment = build_jda(jda)
     accelerator = accelerator or build_accelerator(recipe.runtime)
+    if accelerator.is_main_process:
+        check_run_target(run_dir)  # before the lock file is created in it
     with run_lock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
             prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)

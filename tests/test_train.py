@@ -55,8 +55,11 @@ def test_existing_run_dir_is_refused_and_resume_needs_a_checkpoint(cli_runner, t
     run_dir = tmp_path / "runs" / "quickstart"
     run_dir.mkdir(parents=True)
     (run_dir / "notes.txt").write_text("keep me")
-    line = one_line_error(cli_runner("distill", QUICKSTART, *sum([["--set", o] for o in FAST], [])))
-    assert "exists; pass --resume" in line and (run_dir / "notes.txt").read_text() == "keep me"
+    args = sum([["--set", o] for o in FAST], [])
+    line = one_line_error(cli_runner("distill", QUICKSTART, *args))
+    assert "not a run directory made by kdtool" in line and (run_dir / "notes.txt").read_text() == "keep me"
+    line = one_line_error(cli_runner("distill", QUICKSTART, *args, "--overwrite"))  # not ours: never deleted
+    assert "not a run directory made by kdtool" in line and (run_dir / "notes.txt").read_text() == "keep me"
     assert "nothing to resume" in one_line_error(cli_runner("distill", QUICKSTART, "--resume", "--out", tmp_path / "empty"))
 
 

@@ -17,7 +17,7 @@ from kdtool.bench.timing import latency_stats, measure
 from kdtool.data import DataInfo, build_datasets, build_loader, normalize
 from kdtool.errors import KdtoolError
 from kdtool.recipe import BenchConfig, Recipe, load_recipe
-from kdtool.train import load_student, load_teacher
+from kdtool.rundir import load_student, load_teacher
 
 ROTATING_BATCHES = 8  # distinct real batches cycled through while timing, so no single input is cached hot
 

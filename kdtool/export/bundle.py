@@ -28,8 +28,8 @@ from kdtool.export.onnx_export import (
 from kdtool.export.quantize import choose_reduce_range, convert_fp16, cpu_flags, quantize_with_fallback
 from kdtool.export.tensorrt import TIMING_CACHE_FILE, build_engine, require_tensorrt
 from kdtool.io import read_json_object, sha256_file, staging_dir, write_json_atomic
-from kdtool.recipe import Recipe, dump_recipe, load_recipe
-from kdtool.train import RECIPE_FILE, load_student
+from kdtool.recipe import Recipe, dump_recipe
+from kdtool.rundir import RECIPE_FILE, best_checkpoint, find_latest_run, load_student, run_recipe as _run_recipe
 
 FORMAT_NAME = "kdtool-bundle"
 FORMAT_VERSION = 1
@@ -40,19 +40,6 @@ ENGINE_SOURCES = {"trt_fp16": ("fp32", "fp16"), "trt_int8": ("int8", "int8")}  #
 
 
 # ------------------------------------------------------------------ finding things
-def find_latest_run(runs_root: Path = Path("runs")) -> Path:
-    """The run under `runs_root` whose `best` checkpoint is the most recent (it must hold recipe.yaml)."""
-    runs_root = Path(runs_root)
-    candidates = [] if not runs_root.is_dir() else [
-        run for run in runs_root.iterdir()
-        if (run / RECIPE_FILE).is_file() and (run / "best" / CHECKPOINT_FILE).is_file()
-    ]
-    if not candidates:
-        raise KdtoolError(f"no finished run under {runs_root}/ (a run dir with {RECIPE_FILE} and a best checkpoint); "
-                          f"run `kdtool distill RECIPE` first or name the run directory")
-    return max(candidates, key=lambda run: (run / "best" / CHECKPOINT_FILE).stat().st_mtime)
-
-
 def read_manifest(bundle_dir: Path) -> dict:
     """The parsed manifest.json of `bundle_dir` (KdtoolError naming the file when absent or corrupt)."""
     bundle_dir = Path(bundle_dir)
@@ -66,20 +53,11 @@ def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
     outside = [text for text in overrides if not text.startswith("export.")]
     if outside:
         raise KdtoolError(f"--set {outside[0]!r}: export may only override keys under export.")
-    if not (Path(run_dir) / RECIPE_FILE).is_file():
-        raise KdtoolError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
-    return load_recipe(Path(run_dir) / RECIPE_FILE, overrides)
+    return _run_recipe(run_dir, overrides)
 
 
 def bundle_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.export.root) / (recipe.export.name or recipe.name)
-
-
-def _best_checkpoint(run_dir: Path) -> Path:
-    checkpoint = Path(run_dir) / "best" / CHECKPOINT_FILE
-    if not checkpoint.is_file():
-        raise KdtoolError(f"run {run_dir} has no best student checkpoint ({checkpoint} is missing)")
-    return checkpoint
 
 
 def _check_writable(target: Path) -> None:
@@ -107,7 +85,7 @@ def export_bundle(run_dir: Path, *, out: Path | None = None, trt: bool = False, 
         return rebuild_engines(target, recipe, say)
     if target.exists() and not overwrite:
         raise KdtoolError(f"bundle directory {target} exists; pass --overwrite to replace it")
-    checkpoint = _best_checkpoint(run_dir)
+    checkpoint = best_checkpoint(run_dir)
     _check_writable(target)
     if trt:
         require_tensorrt()  # before minutes of work, not after
