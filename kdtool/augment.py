@@ -640,3 +640,47 @@ def joint_batch(images: torch.Tensor, augment: JointAugment | None, views: int,
         raise KdtoolError(f"JDA params cover {len(params)} samples, expected {b} x {views} views")
     augmented = augment.apply(images.repeat(views, 1, 1, 1), params)
     return torch.cat([images, augmented])
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator for one step's augmentation draws, a pure function of (seed, step)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) % (2**63))
+    return generator
+
+
+def local_jda_params(augment: JointAugment, views: int, local_batch: int, accelerator, generator: torch.Generator) -> JDAParams:
+    """Draw for the whole global batch and keep this process's rows, so results do not depend on the process count."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    drawn = augment.sample(views * local_batch * world, generator, accelerator.device)
+    take = lambda t: t.view(views, world, local_batch, -1)[:, rank].reshape(views * local_batch, -1)  # noqa: E731
+    return JDAParams(fire=take(drawn.fire), sign=take(drawn.sign))
+
+
+@dataclass
+class TrainViews:
+    """Turns what the training loader yields into the joint batch the trainer feeds the models.
+
+    The trainer treats a loader batch's first element as opaque and calls this with it; the
+    result is float [0, 1] images on the accelerator's device, laid out ``[originals; view 1; ...]``
+    (not yet normalised). ``views`` is 0 without JDA.
+    """
+
+    augment: Optional[JointAugment]
+    views: int
+    seed: int
+
+    def __call__(self, images: torch.Tensor, step: int, accelerator) -> torch.Tensor:
+        device = accelerator.device
+        images = images.to(device, non_blocking=True).float().div_(255)
+        if self.views:
+            generator = step_generator(self.seed, step, device)
+            params = local_jda_params(self.augment, self.views, images.shape[0], accelerator, generator)
+            images = joint_batch(images, self.augment, self.views, params)
+        return images
+
+
+def build_train_views(cfg, seed: int) -> TrainViews:
+    """The TrainViews for a recipe's JDAConfig (`views` 0 when JDA is off)."""
+    augment = build_jda(cfg)
+    return TrainViews(augment, cfg.views if augment is not None else 0, seed)

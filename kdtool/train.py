@@ -24,7 +24,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from kdtool.augment import JDAParams, JointAugment, build_jda, joint_batch
+from kdtool.augment import TrainViews, build_train_views
 from kdtool.checkpoint import load_training_state, save_checkpoint
 from kdtool.data import DataInfo, Datasets, SeededSamples, build_datasets, build_loader, normalize, unreadable_flags
 from kdtool.errors import CheckFailed, Interrupted, KdtoolError
@@ -81,22 +81,6 @@ def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed every RNG is reset to at the start of `epoch`: the state there depends on (seed, epoch) alone."""
     return seed * 1000 + epoch
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator for one step's augmentation draws, a pure function of (seed, step)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) % (2**63))
-    return generator
-
-
-def local_jda_params(augment: JointAugment, views: int, local_batch: int, accelerator: Accelerator,
-                     generator: torch.Generator) -> JDAParams:
-    """Draw for the whole global batch and keep this process's rows, so results do not depend on the process count."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    drawn = augment.sample(views * local_batch * world, generator, accelerator.device)
-    take = lambda t: t.view(views, world, local_batch, -1)[:, rank].reshape(views * local_batch, -1)  # noqa: E731
-    return JDAParams(fire=take(drawn.fire), sign=take(drawn.sign))
 
 
 class StopRequest:
@@ -173,19 +157,17 @@ class TrainStep:
     seed: int
     memory_format: torch.memory_format
     teacher: Optional[nn.Module] = None
-    augment: Optional[JointAugment] = None
-    views: int = 0
+    train_views: Optional[TrainViews] = None
     teacher_sees_views: bool = True
 
-    def inputs(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """uint8 originals -> the normalised joint batch [originals; view 1; ...] on the device."""
-        device = self.accelerator.device
-        images = images.to(device, non_blocking=True).float().div_(255)
-        if self.views:
-            generator = step_generator(self.seed, step, device)
-            params = local_jda_params(self.augment, self.views, images.shape[0], self.accelerator, generator)
-            images = joint_batch(images, self.augment, self.views, params)
-        return normalize(images, self.info).contiguous(memory_format=self.memory_format)
+    @property
+    def views(self) -> int:
+        return self.train_views.views if self.train_views is not None else 0
+
+    def inputs(self, images, step: int) -> torch.Tensor:
+        """A loader batch -> the normalised joint batch [originals; view 1; ...] on the device."""
+        views = self.train_views or TrainViews(None, 0, self.seed)
+        return normalize(views(images, step, self.accelerator), self.info).contiguous(memory_format=self.memory_format)
 
     def teacher_logits(self, inputs: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
         if self.teacher is None:
@@ -231,8 +213,7 @@ def fit(
     loss_fn: LossFn,
     teacher: Optional[nn.Module] = None,
     teacher_in_loss: bool = True,
-    augment: Optional[JointAugment] = None,
-    views: int = 0,
+    train_views: Optional[TrainViews] = None,
     teacher_sees_views: bool = True,
     resume: bool = False,
     label: str = "student",
@@ -245,7 +226,6 @@ def fit(
     """
     out_dir = Path(out_dir)
     info: DataInfo = datasets.info
-    views = views if augment is not None else 0
     device = accelerator.device
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     train_set = SeededSamples(datasets.train, seed)
@@ -267,7 +247,7 @@ def fit(
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     train_step = TrainStep(model, optimizer, scheduler, loss_fn, accelerator, info, train_cfg, seed, memory_format,
-                           teacher if teacher_in_loss else None, augment, views, teacher_sees_views)
+                           teacher if teacher_in_loss else None, train_views, teacher_sees_views)
     unreadable_train, unreadable_val = unreadable_flags(datasets.train), unreadable_flags(datasets.val)
 
     start_epoch, step, best_top1 = 0, 0, -1.0
@@ -445,7 +425,7 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
     teacher = build_model(recipe.teacher.name, num_classes, recipe.teacher.weights)
     loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
     jda = recipe.augment.jda
-    augment = build_jda(jda)
+    train_views = build_train_views(jda, recipe.seed)
     accelerator = accelerator or build_accelerator(recipe.runtime)
     if accelerator.is_main_process:
         check_run_target(run_dir)  # before the lock file is created in it
@@ -463,7 +443,7 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
         if not is_finished(run_dir):
             fit(student, datasets, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
                 accelerator=accelerator, out_dir=run_dir, seed=recipe.seed, loss_fn=loss_fn, teacher=teacher,
-                teacher_in_loss=needs_teacher, augment=augment, views=jda.views,
+                teacher_in_loss=needs_teacher, train_views=train_views,
                 teacher_sees_views=jda.teacher_sees_views, resume=resume, label="student", progress=progress)
         summary["student"] = read_state(run_dir / "best")["metrics"]
         if accelerator.is_main_process:

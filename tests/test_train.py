@@ -119,7 +119,8 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(finished_run, tmp_p
 TWO_PROCESS_SCRIPT = """
 import sys, torch
 from torch import nn
-from kdtool import build_datasets, build_jda, build_loss, load_recipe
+from kdtool import build_datasets, build_loss, load_recipe
+from kdtool.augment import build_train_views
 from kdtool.recipe import MethodConfig
 from kdtool.train import build_accelerator, fit
 from safetensors.torch import save_file
@@ -136,7 +137,7 @@ datasets = build_datasets(recipe.data)
 loss_fn, _ = build_loss(MethodConfig(name="kd"))
 result = fit(net(8), datasets, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
              accelerator=accelerator, out_dir=sys.argv[2], seed=0, loss_fn=loss_fn, teacher=net(12).eval(),
-             augment=build_jda(recipe.augment.jda), views=1, progress=False)
+             train_views=build_train_views(recipe.augment.jda, recipe.seed), progress=False)
 """
 
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kdtool import build_datasets, build_jda, build_loss, distill, load_recipe
+from kdtool import build_datasets, build_loss, distill, load_recipe
+from kdtool.augment import build_train_views
 from kdtool.recipe import MethodConfig
 from kdtool.train import build_accelerator, fit
 
@@ -96,7 +97,7 @@ def fit_micro(out_dir: Path, *, loss_fn=None, resume: bool = False):
     recipe = load_recipe(QUICKSTART, MICRO + ["train.grad_accum=2", "augment.jda.p=0.5"])
     return fit(tiny_net(8), build_datasets(recipe.data), train_cfg=recipe.train, data_cfg=recipe.data,
                runtime=recipe.runtime, accelerator=build_accelerator(recipe.runtime), out_dir=out_dir, seed=0,
-               loss_fn=loss_fn or kd_loss(), teacher=tiny_net(12).eval(), augment=build_jda(recipe.augment.jda), views=1,
+               loss_fn=loss_fn or kd_loss(), teacher=tiny_net(12).eval(), train_views=build_train_views(recipe.augment.jda, recipe.seed),
                resume=resume, progress=False)
 
 
