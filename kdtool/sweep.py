@@ -1,62 +1,142 @@
-"""Sweeps: a grid of recipe overrides x seeds, distilled from one shared teacher and tabulated.
+"""Sweeps: a grid of recipe overrides x seeds, distilled from shared teachers and tabulated.
 
-The teacher is trained once into ``<sweep>/teacher`` (unless the recipe names teacher weights)
-and every cell's recipe points ``teacher.weights`` at it, so the grid may not vary the teacher or
-the data split. Each cell is a run directory under the sweep directory, named from its overrides;
-a sweep that is run again skips finished cells and resumes an unfinished one.
+A grid axis is either a recipe key with its values (``augment.jda.p: [0, 0.3]``) or a named set of
+variants, each a mapping of overrides (``method: {kd: {method.name: kd}, kd+jda: {...}}``), so
+that keys which must change together (method and policy; data fraction, batch size and epochs)
+change together. Cells are every combination of axis values x seeds.
+
+Teachers are trained once per distinct teacher setup: the base recipe (its seed and its data,
+whatever fraction a cell trains on) plus a cell's ``teacher.*`` overrides, into
+``<teacher home>/teacher`` (no teacher overrides) or ``<teacher home>/teacher,<overrides>``.
+The teacher home is the sweep directory unless a spec names another sweep directory, which lets
+several sweeps share one teacher. A cell whose recipe names teacher weights uses them.
+
+Before any training every cell's full recipe is resolved and checked (schema, models, method,
+JDA policy, data, teacher weights), duplicates are refused and cell names are made unique. A
+sweep directory carries kdtool's sweep marker; a sweep run again skips finished cells (refusing
+one that was made with another recipe) and resumes an unfinished one.
+
+A sweep spec (YAML) names the base recipe, fixed overrides, the grid, seeds and the output::
+
+    title: KD alone vs KD + rotation vs KD + JDA     # optional, shown by benchmarks/findings.py
+    recipe: ../quickstart.yaml                       # relative to the spec file
+    out: runs/findings/a_rotation                    # relative to the working directory
+    teacher_home: runs/findings/teacher              # optional: where the shared teacher lives
+    seeds: 3
+    set: {data.image_size: 16}
+    grid:
+      augmentation:
+        none: {augment.jda.policy: null}
+        jda: {augment.jda.policy: digits}
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import math
 import re
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional, Union
 
+import yaml
 from accelerate.utils import set_seed
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
+from kdtool.augment import build_train_views
 from kdtool.data import build_datasets
 from kdtool.errors import KdtoolError
 from kdtool.io import write_text_atomic
-from kdtool.models import build_model
-from kdtool.recipe import Recipe, RecipeError, load_recipe, parse_override, save_recipe
-from kdtool.rundir import SUMMARY_FILE, is_finished, run_lock
+from kdtool.losses import build_loss
+from kdtool.models import MODELS, build_model
+from kdtool.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_override, save_recipe
+from kdtool.rundir import (
+    RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock, run_recipe, summary,
+)
 from kdtool.train import build_accelerator, distill, train_teacher
 
 RESULTS_FILE = "results.csv"
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
 PLOT_FILE = "plot.png"
-METRICS = {"student_val_top1": "student top-1 (%)", "student_val_teacher_agreement": "teacher agreement (%)"}
-# The shared teacher fixes these: a grid over them would compare cells against the wrong teacher.
-_FIXED_KEYS = ("teacher", "data.split_seed", "seed")
+METRICS = {"student_val_top1": "student top-1 (%)", "student_val_teacher_agreement": "teacher agreement (%)",
+           "teacher_val_top1": "teacher top-1 (%)"}
+# Every cell must share these with its teacher (the teacher is trained on the base recipe's data,
+# and agreement is measured on one validation set), so no grid axis may change them.
+_FIXED_KEYS = ("seed", "data.name", "data.root", "data.split_seed", "data.val_fraction", "data.image_size")
+_TEACHER_KEY, _TEACHER_WEIGHTS = "teacher", "teacher.weights"
+_AXIS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_MAX_NAME = 120  # characters of a readable cell name before it is shortened (file names stop at 255 bytes)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One value of a grid axis: the label the tables show and the overrides it applies."""
+
+    label: Any
+    overrides: tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a sweep: a combination of grid values and a seed."""
+    """One run of a sweep: a choice on every axis, and a seed."""
 
-    values: tuple[tuple[str, object], ...]  # (key, value) in grid order
+    choices: tuple[tuple[str, Choice], ...]  # (axis, choice) in grid order
     seed: int
 
     @property
+    def values(self) -> dict:
+        return {axis: choice.label for axis, choice in self.choices}
+
+    @property
     def overrides(self) -> list[str]:
-        return [f"{key}={json.dumps(value)}" for key, value in self.values] + [f"seed={self.seed}"]
+        return [override(k, v) for _, choice in self.choices for k, v in choice.overrides] + [f"seed={self.seed}"]
+
+    @property
+    def teacher_overrides(self) -> list[str]:
+        """The overrides that change how this cell's teacher is trained."""
+        return [override(k, v) for _, choice in self.choices for k, v in choice.overrides
+                if _under(k, _TEACHER_KEY) and not _under(k, _TEACHER_WEIGHTS)]
 
     @property
     def name(self) -> str:
-        shown = [f"{key}={_show(value)}" for key, value in self.values] + [f"seed={self.seed}"]
-        return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(shown))
+        return safe_name([f"{axis}={_show(choice.label)}" for axis, choice in self.choices] + [f"seed={self.seed}"])
+
+
+def override(key: str, value) -> str:
+    """``key=value`` with the value written so that parse_override reads it back unchanged."""
+    return f"{key}={json.dumps(value)}"
+
+
+def _under(key: str, section: str) -> bool:
+    return key == section or key.startswith(section + ".")
 
 
 def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def safe_name(parts: list[str]) -> str:
+    """A directory name for `parts`: readable when it can be, unique always.
+
+    Characters outside [A-Za-z0-9._=,+-] become "_"; a name that changed, or is too long, gets "~"
+    and a hash of the original, so two different originals never share a name ("~" never survives
+    the substitution, so a hashed name cannot equal a plain one).
+    """
+    raw = ",".join(parts)
+    clean = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
+    if clean == raw and len(raw) <= _MAX_NAME:
+        return raw
+    return f"{clean[:_MAX_NAME]}~{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+# ------------------------------------------------------------------ the grid
 def parse_grid(specs) -> dict[str, list]:
     """``["method.name=kd,ccd", "augment.jda.p=0,0.3"]`` -> ``{key: [values typed as YAML]}``."""
     grid: dict[str, list] = {}
@@ -70,88 +150,251 @@ def parse_grid(specs) -> dict[str, list]:
     return grid
 
 
-def check_grid(recipe_path: Path, grid: dict[str, list], overrides=()) -> None:
-    """Refuse keys the shared teacher fixes, and values the recipe schema rejects."""
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _axis_choices(axis: str, values) -> list[Choice]:
+    """An axis's values as Choices: a list (of `axis`'s values) or a mapping label -> overrides."""
+    if isinstance(values, Mapping):
+        choices = []
+        for label, overrides in values.items():
+            if not isinstance(overrides, Mapping) or not overrides:
+                raise KdtoolError(f"grid {axis}: {label!r} must map recipe keys to values, got {overrides!r}")
+            choices.append(Choice(label, tuple(overrides.items())))
+        return choices
+    if not isinstance(values, (list, tuple)):
+        raise KdtoolError(f"grid {axis}: expected a list of values or a mapping of named overrides")
+    return [Choice(value, ((axis, value),)) for value in values]
+
+
+def _check_axis(axis: str, choices: list[Choice]) -> None:
+    """Refuse an empty axis, a value or a set of overrides given twice, and keys the teacher fixes."""
+    if not choices:
+        raise KdtoolError(f"grid {axis}: no values")
+    labels, effects = {}, {}
+    for choice in choices:
+        for key, _ in choice.overrides:
+            if not isinstance(key, str) or any(not part for part in key.split(".")):
+                raise KdtoolError(f"grid {axis}: {key!r} is not a recipe key path")
+            fixed = next((f for f in _FIXED_KEYS if _under(key, f) or _under(f, key)), None)
+            if fixed:
+                raise KdtoolError(f"grid {axis}: {key} cannot vary: every cell shares {fixed} with its teacher "
+                                  f"and the others (use seeds for seeds, set for fixed values)")
+        label, effect = _canonical(choice.label), _canonical(sorted(choice.overrides))
+        if label in labels or effect in effects:
+            twin = labels.get(label, effects.get(effect))
+            raise KdtoolError(f"grid {axis}: {_show(choice.label)} and {_show(twin)} are the same value; "
+                              f"give each value once")
+        labels[label] = effects[effect] = choice.label
+
+
+def normalise_grid(grid: Mapping) -> dict[str, list[Choice]]:
+    """A grid (axis -> list of values, or axis -> {label: overrides}) as checked Choices per axis."""
     if not grid:
-        raise KdtoolError("a sweep needs at least one --grid key")
-    for key, values in grid.items():
-        if any(key == fixed or key.startswith(fixed + ".") for fixed in _FIXED_KEYS):
-            raise KdtoolError(f"--grid {key}: the sweep shares one teacher and data split, so it cannot vary "
-                              f"{', '.join(_FIXED_KEYS)} (use --seeds for seeds, --set for fixed values)")
-        for value in values:
-            try:
-                load_recipe(recipe_path, [*overrides, f"{key}={json.dumps(value)}"])
-            except RecipeError as exc:
-                raise KdtoolError(f"--grid {key}: {exc}") from None
+        raise KdtoolError("a sweep needs at least one grid axis (--grid KEY=V1,V2,...)")
+    axes: dict[str, list[Choice]] = {}
+    set_by: dict[str, str] = {}
+    for axis, values in grid.items():
+        if not isinstance(axis, str) or not _AXIS_NAME.match(axis):
+            raise KdtoolError(f"grid axis {axis!r}: use letters, digits and ._+- only")
+        axes[axis] = _axis_choices(axis, values)
+        _check_axis(axis, axes[axis])
+        for key in {key for choice in axes[axis] for key, _ in choice.overrides}:
+            if key in set_by:
+                raise KdtoolError(f"grid: {key} is set by both axis {set_by[key]} and axis {axis}")
+            set_by[key] = axis
+    return axes
 
 
-def sweep_cells(grid: dict[str, list], seeds: int, base_seed: int) -> list[Cell]:
-    """Every combination of grid values, each with seeds base_seed, base_seed + 1, ..."""
-    combos = itertools.product(*[[(key, value) for value in values] for key, values in grid.items()])
-    return [Cell(combo, base_seed + i) for combo in combos for i in range(seeds)]
+def sweep_cells(grid: Mapping, seeds: int, base_seed: int) -> list[Cell]:
+    """Every combination of the grid's values, each with seeds base_seed, base_seed + 1, ..."""
+    axes = normalise_grid(grid)
+    combos = itertools.product(*[[(axis, choice) for choice in choices] for axis, choices in axes.items()])
+    cells = [Cell(combo, base_seed + i) for combo in combos for i in range(seeds)]
+    seen: dict[str, Cell] = {}
+    for cell in cells:  # names differing only in case would share a directory on macOS and Windows
+        twin = seen.setdefault(cell.name.lower(), cell)
+        if twin is not cell:
+            raise KdtoolError(f"sweep cells {twin.name} and {cell.name} would share one directory; "
+                              f"give grid values that differ by more than case")
+    return cells
 
 
-def train_shared_teacher(recipe: Recipe, sweep_dir: Path, progress: bool) -> Path:
-    """Train (or resume, or reuse) the sweep's teacher in ``sweep_dir/teacher``; its best checkpoint."""
-    teacher_dir = sweep_dir / "teacher"
+# ------------------------------------------------------------------ planning and checking
+@dataclass
+class SweepPlan:
+    """What a sweep will do: every cell's resolved recipe, and the teachers to train first."""
+
+    base: Recipe
+    cells: list[Cell]
+    recipes: list[Recipe]  # cell i's recipe, teacher.weights filled in
+    teachers: dict[Path, Recipe]  # teacher directory -> the recipe its teacher is trained from
+
+
+def teacher_dir_name(cell: Cell) -> str:
+    """The directory, in the teacher home, of the teacher this cell's teacher overrides make."""
+    overrides = cell.teacher_overrides
+    return "teacher" if not overrides else safe_name(["teacher", *(o.replace('"', "") for o in overrides)])
+
+
+def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: Path) -> SweepPlan:
+    """Resolve every cell's recipe (one line naming the cell when one is invalid); train nothing."""
+    base = load_recipe(recipe_path, overrides)
+    cells = sweep_cells(grid, seeds, base.seed)
+    recipes, teachers = [], {}
+    for cell in cells:
+        try:
+            weights = load_recipe(recipe_path, [*overrides, *cell.overrides]).teacher.weights
+            if weights is None:
+                directory = teacher_home / teacher_dir_name(cell)
+                teachers.setdefault(directory, load_recipe(recipe_path, [*overrides, *cell.teacher_overrides]))
+                weights = str((directory / "best").absolute())
+            recipes.append(load_recipe(recipe_path, [*overrides, *cell.overrides, override(_TEACHER_WEIGHTS, weights)]))
+        except RecipeError as exc:
+            raise KdtoolError(f"sweep cell {cell.name}: {exc}") from None
+    return SweepPlan(base, cells, recipes, teachers)
+
+
+def _parts_to_build(recipe: Recipe) -> list[tuple[str, Any, Any]]:
+    """(what, identity, build) for each part distill builds from `recipe` before it trains."""
+    jda, method, smoothing = recipe.augment.jda, recipe.method, recipe.train.label_smoothing
+    return [
+        ("models", [recipe.student.name, recipe.teacher.name],
+         lambda: [MODELS[recipe.student.name], MODELS[recipe.teacher.name]]),
+        ("method", [method.model_dump(), smoothing], lambda: build_loss(method, smoothing)),
+        ("views", jda.model_dump(), lambda: build_train_views(jda, recipe.seed)),
+        ("data", recipe.data.model_dump(), lambda: _check_batch_fits(recipe)),
+    ]
+
+
+def _check_batch_fits(recipe: Recipe) -> int:
+    """The number of classes; refuses a batch larger than the (few-shot) training set."""
+    datasets = build_datasets(recipe.data)
+    if recipe.data.batch_size > len(datasets.train):
+        raise KdtoolError(f"data.batch_size: {recipe.data.batch_size} is larger than the "
+                          f"{len(datasets.train)} training images")
+    return datasets.info.num_classes
+
+
+def check_plan(plan: SweepPlan) -> None:
+    """Build, once each, what every cell needs before training (models, method, views, data, given
+    teacher weights), and refuse two cells that resolve to the same recipe. One line names the cell."""
+    built: dict[str, Any] = {}
+    cell_of_recipe: dict[str, Cell] = {}
+    planned = {str((directory / "best").absolute()) for directory in plan.teachers}
+    for cell, recipe in zip(plan.cells, plan.recipes):
+        twin = cell_of_recipe.setdefault(dump_recipe(recipe), cell)
+        if twin is not cell:
+            raise KdtoolError(f"sweep cells {twin.name} and {cell.name} resolve to the same recipe "
+                              f"(a grid value given twice?); give each value once")
+        try:
+            for what, identity, build in _parts_to_build(recipe):
+                key = f"{what}:{_canonical(identity)}"
+                if key not in built:
+                    built[key] = build()
+            weights = recipe.teacher.weights
+            if weights not in planned and f"weights:{weights}" not in built:
+                num_classes = built[f"data:{_canonical(recipe.data.model_dump())}"]
+                build_model(recipe.teacher.name, num_classes, weights)
+                built[f"weights:{weights}"] = True
+        except KdtoolError as exc:
+            raise KdtoolError(f"sweep cell {cell.name}: {exc}") from None
+
+
+# ------------------------------------------------------------------ running
+def train_shared_teacher(recipe: Recipe, teacher_dir: Path, progress: bool) -> None:
+    """Train (or resume, or reuse when finished) the teacher of `recipe` in `teacher_dir`."""
     datasets = build_datasets(recipe.data)
     set_seed(recipe.seed)  # the same initialisation as a single distill run of this recipe
     teacher = build_model(recipe.teacher.name, datasets.info.num_classes)
     train_teacher(recipe, teacher, datasets, teacher_dir, build_accelerator(recipe.runtime),
                   resume=(teacher_dir / "last").exists(), progress=progress)
-    return (teacher_dir / "best").absolute()
 
 
 def _check_same_teacher_setup(recipe: Recipe, sweep_dir: Path) -> None:
-    saved = sweep_dir / "recipe.yaml"
+    """Refuse a sweep directory whose teachers were trained from another seed, data or teacher."""
+    saved = sweep_dir / RECIPE_FILE
     if saved.exists():
         before = load_recipe(saved).model_dump()
         for section in ("seed", "data", "teacher"):
             if before[section] != recipe.model_dump()[section]:
                 raise KdtoolError(f"sweep directory {sweep_dir} was started with a different {section!r}; "
-                                  "its teacher does not fit this recipe (use another --out)")
+                                  "its teachers do not fit this recipe (use another --out or teacher home)")
     save_recipe(recipe, saved)
+
+
+def _claim_sweep_dir(directory: Path) -> None:
+    if not is_owned(directory, SWEEP_KIND):
+        claim(directory, SWEEP_KIND)
+
+
+def train_teachers(plan: SweepPlan, teacher_home: Path, progress: bool, *, shared: bool) -> None:
+    """Train the plan's teachers in `teacher_home`; a `shared` home (not the sweep directory) is
+    locked, marked and checked here, the sweep directory by the caller."""
+    if not plan.teachers:
+        return
+    with run_lock(teacher_home) if shared else contextlib.nullcontext():
+        if shared:
+            _claim_sweep_dir(teacher_home)
+            _check_same_teacher_setup(plan.base, teacher_home)
+        for directory, recipe in plan.teachers.items():
+            train_shared_teacher(recipe, directory, progress)
 
 
 def run_cell(recipe: Recipe, run_dir: Path, progress: bool) -> tuple[dict, str]:
     """Distil one cell: skip it when finished, resume it when started. (summary, what happened)."""
-    summary_path = run_dir / SUMMARY_FILE
-    if summary_path.exists():
-        return json.loads(summary_path.read_text()), "done before"
+    finished = summary(run_dir)
+    if finished is not None:
+        if dump_recipe(run_recipe(run_dir)) != dump_recipe(recipe):
+            raise KdtoolError(f"sweep cell {run_dir} was run with another recipe than this sweep's; "
+                              f"use another --out (or remove that cell to run it again)")
+        return finished, "done before"
     resume = (run_dir / "last").exists()
-    summary = distill(recipe, run_dir, resume=resume, overwrite=not resume, progress=progress)
-    return summary, "resumed" if resume else "trained"
+    result = distill(recipe, run_dir, resume=resume, overwrite=not resume, progress=progress)
+    return result, "resumed" if resume else "trained"
 
 
-def run_sweep(recipe_path, grid: dict[str, list], seeds: int, overrides=(), out: Path | None = None,
-              progress: bool = True) -> list[dict]:
-    """Run every grid combination x seeds over one teacher; write results, tables and plot.
+def _row(cell: Cell, result: dict, run_dir: Path) -> dict:
+    student = result.get("student", {})
+    return {**cell.values, "seed": cell.seed,
+            **{metric: student.get(metric.removeprefix("student_")) for metric in METRICS}, "run_dir": str(run_dir)}
 
-    Returns one row per cell: the grid values, the seed, the student's best metrics, the run dir.
+
+def run_sweep(recipe_path, grid: Mapping, seeds: int, overrides=(), out: Optional[Path] = None,
+              progress: bool = True, teacher_home: Optional[Path] = None) -> list[dict]:
+    """Run every grid combination x seeds; write results, tables and plot into the sweep directory.
+
+    `grid` maps a recipe key to its values, or an axis name to ``{label: {key: value, ...}}``.
+    Everything is checked before anything trains. Returns one row per cell: the axis values, the
+    seed, the student's best metrics (and its teacher's top-1), the run directory.
     """
     if seeds < 1:
         raise KdtoolError(f"--seeds must be >= 1, got {seeds}")
     base = load_recipe(recipe_path, overrides)
-    check_grid(recipe_path, grid, overrides)
     sweep_dir = Path(out) if out is not None else Path("runs") / f"{base.name}-sweep"
-    cells = sweep_cells(grid, seeds, base.seed)
+    teacher_home = Path(teacher_home) if teacher_home is not None else sweep_dir
+    plan = plan_sweep(recipe_path, grid, seeds, overrides, teacher_home)
+    check_plan(plan)
+    for directory in dict.fromkeys([sweep_dir, teacher_home]):
+        check_run_target(directory, kind=SWEEP_KIND)
     rows = []
     with run_lock(sweep_dir):
-        _check_same_teacher_setup(base, sweep_dir)
-        teacher = base.teacher.weights or str(train_shared_teacher(base, sweep_dir, progress))
-        bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
-        for done, cell in enumerate(cells, 1):
-            recipe = load_recipe(recipe_path, [*overrides, *cell.overrides, f"teacher.weights={json.dumps(teacher)}"])
-            summary, what = run_cell(recipe, sweep_dir / cell.name, progress)
-            student = summary.get("student", {})
-            rows.append({**dict(cell.values), "seed": cell.seed,
-                         **{metric: student.get(metric.removeprefix("student_")) for metric in METRICS},
-                         "run_dir": str(sweep_dir / cell.name)})
-            shown = ", ".join(f"{label}={_fmt(rows[-1][m])}" for m, label in METRICS.items())
+        _claim_sweep_dir(sweep_dir)
+        if teacher_home == sweep_dir:
+            _check_same_teacher_setup(base, sweep_dir)
+        else:
+            save_recipe(base, sweep_dir / RECIPE_FILE)
+        train_teachers(plan, teacher_home, progress, shared=teacher_home != sweep_dir)
+        bar = tqdm(total=len(plan.cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
+        for done, (cell, recipe) in enumerate(zip(plan.cells, plan.recipes), 1):
+            result, what = run_cell(recipe, sweep_dir / cell.name, progress)
+            rows.append(_row(cell, result, sweep_dir / cell.name))
             bar.update()
-            tqdm.write(f"[{done}/{len(cells)}] {cell.name}: {shown} ({what})")
+            shown = ", ".join(f"{label}={_fmt(rows[-1][m])}" for m, label in METRICS.items())
+            tqdm.write(f"[{done}/{len(plan.cells)}] {cell.name}: {shown} ({what})")
         bar.close()
-        write_reports(rows, list(grid), sweep_dir)
+        write_reports(rows, list(normalise_grid(grid)), sweep_dir)
     return rows
 
 
@@ -170,7 +413,7 @@ def summarise(rows: list[dict], keys=None) -> list[dict]:
     for combo, members in groups.items():
         entry = {**dict(zip(keys, combo)), "n": len(members)}
         for metric in METRICS:
-            values = [m[metric] for m in members if m[metric] is not None]
+            values = [m[metric] for m in members if m.get(metric) is not None]
             entry[f"{metric}_mean"] = statistics.fmean(values) if values else None
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
         table.append(entry)
@@ -240,3 +483,81 @@ def plot_table(table: list[dict], keys: list[str], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ sweep spec files
+class SweepSpec(BaseModel):
+    """A sweep spec file: everything `kdtool sweep SPEC` runs, in one place."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field("", description="what the sweep asks, for reports")
+    recipe: str = Field(..., min_length=1, description="base recipe, relative to the spec file")
+    out: str = Field(..., min_length=1, description="sweep directory, relative to the working directory")
+    teacher_home: Optional[str] = Field(None, min_length=1, description="sweep directory holding shared teachers")
+    seeds: int = Field(1, ge=1, le=1000)
+    set: dict[str, Any] = Field(default_factory=dict, description="fixed overrides, key.path: value")
+    grid: dict[str, Union[list[Any], dict[str, dict[str, Any]]]] = Field(..., min_length=1)
+
+    def recipe_path(self, spec_path: Path) -> Path:
+        return Path(spec_path).parent / self.recipe
+
+    def overrides(self) -> list[str]:
+        return [override(key, value) for key, value in self.set.items()]
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML without aliases (no alias bombs) and without duplicate keys (PyYAML keeps the last)."""
+
+    def compose_node(self, parent, index):  # PyYAML >= 5.1 Composer API
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a sweep spec",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} given twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_spec_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise KdtoolError(f"sweep spec not found: {path}")
+    if path.stat().st_size > 1 << 20:
+        raise KdtoolError(f"{path}: a sweep spec is a small YAML file (this one is over 1 MiB)")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError:
+        raise KdtoolError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise KdtoolError(f"{path}: YAML error{where}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def load_spec(path) -> SweepSpec:
+    """Read and validate a sweep spec file; one line naming the file and key when it is wrong."""
+    path = Path(path)
+    data = _read_spec_yaml(path)
+    if isinstance(data, dict) and "grid" not in data and "teacher" in data:
+        raise KdtoolError(f"{path} is a recipe, not a sweep spec: give the grid with --grid KEY=V1,V2,...")
+    if not isinstance(data, dict):
+        raise KdtoolError(f"{path}: a sweep spec is a mapping of keys, got {type(data).__name__}")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        raise KdtoolError(f"{path}: {key}: {error['msg'].lower()}") from None
+
+
+def run_spec(spec_path, *, seeds: Optional[int] = None, overrides=(), out: Optional[Path] = None,
+             progress: bool = True) -> list[dict]:
+    """Run the sweep a spec file describes; `seeds`, `overrides` (added last) and `out` replace its own."""
+    spec = load_spec(spec_path)
+    teacher_home = Path(spec.teacher_home) if spec.teacher_home else None
+    return run_sweep(spec.recipe_path(spec_path), spec.grid, seeds or spec.seeds, [*spec.overrides(), *overrides],
+                     Path(out) if out is not None else Path(spec.out), progress, teacher_home)

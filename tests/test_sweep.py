@@ -1,4 +1,4 @@
-"""`kdtool sweep`: grid parsing, one shared teacher, reports, resume, bad keys."""
+"""`kdtool sweep`: grid parsing, shared teachers, reports, resume, bad keys, spec files."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ import kdtool.sweep as sweep_module
 import kdtool.train as train_module
 from kdtool.cli import cli
 from kdtool.errors import KdtoolError
-from kdtool.sweep import parse_grid, run_sweep, summarise, sweep_cells
+from kdtool.sweep import load_spec, parse_grid, run_spec, run_sweep, safe_name, summarise, sweep_cells
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 TINY = ("teacher.name=resnet8", "train.epochs=1", "teacher.train.epochs=1", "data.image_size=8",
@@ -35,6 +35,25 @@ def test_cells_cover_the_grid_times_seeds_with_readable_names():
     assert {c.seed for c in cells} == {5, 6, 7}
     assert cells[1].name == "method.name=kd,augment.jda.p=0,seed=6"
     assert cells[1].overrides == ['method.name="kd"', "augment.jda.p=0", "seed=6"]
+    assert cells[1].values == {"method.name": "kd", "augment.jda.p": 0}
+
+
+def test_named_variants_set_several_keys_together():
+    grid = {"data": {"10%": {"data.train_fraction": 0.1, "data.batch_size": 16}},
+            "method": {"kd": {"method.name": "kd"}, "kd+jda": {"method.name": "kd", "augment.jda.policy": "digits"}}}
+    cells = sweep_cells(grid, seeds=1, base_seed=0)
+    assert [c.values for c in cells] == [{"data": "10%", "method": "kd"}, {"data": "10%", "method": "kd+jda"}]
+    assert cells[1].overrides == ["data.train_fraction=0.1", "data.batch_size=16", 'method.name="kd"',
+                                  'augment.jda.policy="digits"', "seed=0"]
+    assert cells[0].name.startswith("data=10_,method=kd,seed=0~")  # "%" is no file-name character
+    assert len({c.name for c in cells}) == 2
+
+
+def test_names_stay_readable_when_they_can_and_unique_always():
+    assert safe_name(["method.name=kd", "seed=0"]) == "method.name=kd,seed=0"
+    slash, underscore = safe_name(["export.root=a/b"]), safe_name(["export.root=a_b"])
+    assert slash != underscore and underscore == "export.root=a_b" and slash.startswith("export.root=a_b~")
+    assert len(safe_name(["x=" + "y" * 500])) < 150
 
 
 def test_summarise_means_and_std():
@@ -64,7 +83,7 @@ def test_sweep_writes_one_row_per_cell_and_the_reports(finished_sweep):
         table = list(csv.DictReader(handle))
     assert [(t["method.name"], t["n"]) for t in table] == [("kd", "2"), ("ccd", "2")]
     markdown = (out / "table.md").read_text()
-    assert "student top-1 (%)" in markdown and markdown.count("±") == 4
+    assert "student top-1 (%)" in markdown and "teacher top-1 (%)" in markdown and markdown.count("±") == 6
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -105,8 +124,9 @@ def test_rerun_skips_finished_cells_and_resumes_an_unfinished_one(finished_sweep
 @pytest.mark.parametrize("grid,culprit", [
     ("method.nme=kd", "method.nme"),
     ("augment.jda.p=0,7", "augment.jda.p"),
-    ("teacher.name=resnet8", "teacher.name"),
     ("data.split_seed=1,2", "data.split_seed"),
+    ("data.val_fraction=0.1,0.2", "data.val_fraction"),
+    ("seed=1,2", "seed"),
 ])
 def test_bad_grid_key_exits_2_naming_it(tmp_path, grid, culprit):
     result = CliRunner().invoke(cli, ["sweep", str(RECIPE), "--grid", grid, "--out", str(tmp_path / "s"),
