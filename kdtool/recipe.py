@@ -2,7 +2,8 @@
 
 Precedence is defaults < recipe file < ``--set key.path=value`` overrides. ``${VAR}`` in any string
 is replaced from the environment (data roots, mostly). Every problem is a `RecipeError` naming the
-file and the key path; unknown keys get a "did you mean" suggestion.
+file and the key path; unknown keys get a "did you mean" suggestion. Numbers must be finite (a NaN
+limit would switch a check off), and YAML is read with bounded depth and alias expansion.
 """
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdtool.errors import KdtoolError, closest
 
@@ -23,7 +24,23 @@ class RecipeError(KdtoolError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# numpy's legacy seeding (np.random.seed, sklearn's random_state) accepts 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 1 << 16
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError("values must not repeat")
+    return values
+
+
+BatchSizes = Annotated[list[BatchSize], Field(min_length=1, max_length=16), AfterValidator(_distinct)]
 
 
 # ---------------------------------------------------------------- data
@@ -32,12 +49,12 @@ class DataConfig(_Section):
     root: Optional[str] = None
     download: bool = False
     image_size: int = Field(32, ge=8, le=1024)
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="digits only: held-out share")
-    split_seed: int = 0
+    val_fraction: float = Field(0.2, ge=0.01, le=0.9, description="digits only: held-out share")
+    split_seed: Seed = 0
     train_fraction: float = Field(1.0, gt=0, le=1, description="stratified few-shot subset")
-    batch_size: int = Field(64, ge=1, description="global batch of original images")
-    eval_batch_size: int = Field(256, ge=1)
-    workers: int = Field(0, ge=0)
+    batch_size: BatchSize = Field(64, description="global batch of original images")
+    eval_batch_size: BatchSize = 256
+    workers: int = Field(0, ge=0, le=256)
     pin_memory: bool = True
     bad_images: Literal["fail", "skip"] = "fail"
 
@@ -88,10 +105,54 @@ class TeacherConfig(ModelConfig):
 
 # ---------------------------------------------------------------- method and augmentation
 class MethodConfig(_Section):
+    """Settings every method shares (so `--set method.name=X` works over any method section).
+
+    Vanilla ignores them; each distillation method reads them as
+    ``kd_weight * (alpha * CE + (1 - alpha) * its distillation term at temperature T)``.
+    """
     name: str = "ccd"
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, le=100)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the cross-entropy term")
-    kd_weight: float = Field(2.0, ge=0)
+    kd_weight: float = Field(2.0, ge=0, le=1000)
+
+
+class VanillaMethod(MethodConfig):
+    """Cross-entropy alone; no teacher."""
+    name: Literal["vanilla"] = "vanilla"
+
+
+class KDMethod(MethodConfig):
+    """Hinton KD on every sample."""
+    name: Literal["kd"] = "kd"
+
+
+class CCDMethod(MethodConfig):
+    """Cosine Confidence Distillation (the paper's method)."""
+    name: Literal["ccd"] = "ccd"
+
+
+class DKDMethod(MethodConfig):
+    """Decoupled KD (Zhao et al., CVPR 2022); defaults are the authors' CIFAR-100 ones (mdistiller)."""
+    name: Literal["dkd"] = "dkd"
+    tckd_weight: float = Field(1.0, ge=0, le=1000, description="target-class KL weight (the paper's alpha)")
+    nckd_weight: float = Field(8.0, ge=0, le=1000, description="non-target-class KL weight (the paper's beta)")
+    warmup_epochs: float = Field(20.0, ge=0, le=10_000, description="linear ramp of the DKD term from 0; 0 = none")
+
+
+class DISTMethod(MethodConfig):
+    """DIST (Huang et al., NeurIPS 2022): Pearson relations of softmax(z / T) within and across samples."""
+    name: Literal["dist"] = "dist"
+    inter_weight: float = Field(1.0, ge=0, le=1000, description="inter-class relation weight (the paper's beta)")
+    intra_weight: float = Field(1.0, ge=0, le=1000, description="intra-class relation weight (the paper's gamma)")
+
+
+# One class per method, chosen by `name`; a new method adds its class here and its loss in kdtool.losses.
+MethodSettings = Annotated[
+    Union[VanillaMethod, KDMethod, CCDMethod, DKDMethod, DISTMethod], Field(discriminator="name")
+]
+METHOD_SETTINGS: dict[str, type[MethodConfig]] = {
+    cls.model_fields["name"].default: cls for cls in get_args(get_args(MethodSettings)[0])
+}
 
 
 class JDAConfig(_Section):
@@ -127,22 +188,46 @@ class Int8Config(_Section):
     reduce_range: Optional[bool] = Field(None, description="null = decide from the CPU (no VNNI -> true)")
     max_top1_drop: float = Field(1.0, ge=0, description="points vs the float student before fallback")
     fallback_budget: int = Field(8, ge=0, description="max nodes kept in float by the fallback")
-    calibration_batch_size: int = Field(16, ge=1, description="images per calibration/sensitivity inference")
+    calibration_batch_size: BatchSize = Field(16, description="images per calibration/sensitivity inference")
 
 
 class TensorRTConfig(_Section):
-    min_batch: int = Field(1, ge=1)
-    opt_batch: int = Field(8, ge=1)
-    max_batch: int = Field(32, ge=1)
-    workspace_mib: int = Field(1024, ge=16)
+    min_batch: BatchSize = 1
+    opt_batch: BatchSize = 8
+    max_batch: BatchSize = 32
+    workspace_mib: int = Field(1024, ge=16, le=1 << 24)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("needs min_batch <= opt_batch <= max_batch")
+        return self
+
+
+# ONNX opsets kdtool can write: torch 2.14's TorchScript exporter (dynamo=False) goes up to 20
+# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET); 17 is kdtool's floor (LayerNorm,
+# the Q/DQ forms ONNX Runtime 1.32 and TensorRT 10 take).
+OPSETS = range(17, 21)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _plain_name(value: str) -> str:
+    if not _PLAIN_NAME.fullmatch(value):
+        raise ValueError("must be a plain name: up to 128 letters, digits, '_', '.', '-', starting with a letter "
+                         "or digit (no path separators, not '.' or '..')")
+    return value
+
+
+# Run and bundle names: one path component that cannot escape the directory it is put in.
+PlainName = Annotated[str, AfterValidator(_plain_name)]
 
 
 class ExportConfig(_Section):
     enabled: bool = True
-    root: str = "export"
-    name: Optional[str] = Field(None, description="bundle name; null = the recipe name")
-    opset: int = Field(17, ge=17)
-    verify_batch_sizes: list[int] = Field(default_factory=lambda: [1, 7, 32])
+    root: str = Field("export", min_length=1, max_length=1024, description="directory holding bundles")
+    name: Optional[PlainName] = Field(None, description="bundle name; null = the recipe name")
+    opset: int = Field(17, description=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1}")
+    verify_batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 7, 32])
     verify_images: int = Field(256, ge=1, description="validation images compared against PyTorch per batch size")
     max_abs_diff: float = Field(1e-3, gt=0)
     min_cosine: float = Field(0.9999, gt=0, le=1)
@@ -154,22 +239,48 @@ class ExportConfig(_Section):
     int8: Int8Config = Int8Config()
     tensorrt: TensorRTConfig = TensorRTConfig()
 
+    @field_validator("opset")
+    @classmethod
+    def _supported_opset(cls, value: int) -> int:
+        if value not in OPSETS:
+            raise ValueError(f"opset {value} is not supported: use {OPSETS.start}..{OPSETS.stop - 1} "
+                             f"(torch's TorchScript ONNX exporter writes up to {OPSETS.stop - 1})")
+        return value
+
+    @field_validator("root")
+    @classmethod
+    def _sane_root(cls, value: str) -> str:
+        if not value.isprintable() or ".." in Path(value).parts:
+            raise ValueError("must be a directory path without '..' components or control characters")
+        return value
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
 
 class GateConfig(_Section):
-    max_top1_drop: dict[str, float] = Field(
+    max_top1_drop: dict[str, Annotated[float, Field(ge=0, le=100)]] = Field(
         default_factory=lambda: {"fp32": 0.5, "fp16": 0.5, "int8": 1.5},
-        description="per precision, points vs the float student",
+        description="per precision (fp32, fp16, int8), points vs the float student",
     )
     min_teacher_agreement: float = Field(0.0, ge=0, le=100, description="percent of val images")
+
+    @field_validator("max_top1_drop")
+    @classmethod
+    def _known_precisions(cls, value: dict) -> dict:
+        for key in value:
+            if key not in PRECISIONS:
+                raise ValueError(f"unknown precision {key!r}{closest(key, PRECISIONS)}; known: {', '.join(PRECISIONS)}")
+        return value
 
 
 class BenchConfig(_Section):
     enabled: bool = True
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
-    warmup: int = Field(5, ge=0)
-    iters: int = Field(50, ge=1)
-    duration: Optional[float] = Field(None, gt=0, description="seconds per case; overrides iters")
-    threads: Optional[int] = Field(None, ge=1)
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 8, 32])
+    warmup: int = Field(5, ge=0, le=100_000)
+    iters: int = Field(50, ge=1, le=10_000_000)
+    duration: Optional[float] = Field(None, gt=0, le=86_400, description="seconds per case; overrides iters")
+    threads: Optional[int] = Field(None, ge=1, le=1024)
     include_copies: bool = True
     cuda_graphs: bool = False
     gate: GateConfig = GateConfig()
@@ -177,21 +288,93 @@ class BenchConfig(_Section):
 
 # ---------------------------------------------------------------- the recipe
 class Recipe(_Section):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    name: PlainName
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     teacher: TeacherConfig
     student: ModelConfig
-    method: MethodConfig = MethodConfig()
+    method: MethodSettings = Field(default_factory=CCDMethod)
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method_name(cls, value):
+        return {**value, "name": "ccd"} if isinstance(value, dict) and "name" not in value else value
+
     def digest(self) -> str:
         """sha256 of the resolved recipe, for provenance."""
         return hashlib.sha256(dump_recipe(self).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- reading YAML within bounds
+MAX_YAML_DEPTH = 32  # a recipe nests 4 levels
+MAX_YAML_NODES = 10_000  # values once aliases are expanded; a full recipe has ~150
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """A YAML document past kdtool's bounds: too deep, too large once aliases expand, or a recursive alias."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing documents that would blow up once their aliases are expanded.
+
+    Aliases share nodes, so ten lines can describe 10**9 values (a "billion laughs") or a list that
+    contains itself; kdtool copies and walks recipes as plain trees, so the expanded size and
+    depth are what count. Both are measured while composing, bottom-up, before anything is built.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, height)
+
+    def compose_node(self, parent, index):
+        line = self.peek_event().start_mark.line + 1
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            target = self.anchors.get(anchor)
+            if target is not None and id(target) not in self._measured:
+                raise YAMLLimitError(f"line {line}: alias *{anchor} is used inside the value it names (a recursive alias)")
+            node = super().compose_node(parent, index)
+        else:
+            self._depth += 1
+            if self._depth > MAX_YAML_DEPTH:
+                raise YAMLLimitError(f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels")
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            self._measured[id(node)] = self._measure(node, line)
+        if self._depth + self._measured[id(node)][1] > MAX_YAML_DEPTH:
+            raise YAMLLimitError(f"line {line}: nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+        return node
+
+    def _measure(self, node: yaml.Node, line: int) -> tuple[int, int]:
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        sizes = [self._measured[id(child)] for child in children]
+        size = 1 + sum(count for count, _ in sizes)
+        if size > MAX_YAML_NODES:
+            raise YAMLLimitError(f"line {line}: more than {MAX_YAML_NODES} values once aliases are expanded")
+        return size, 1 + max((height for _, height in sizes), default=0)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` within kdtool's bounds on depth and alias expansion (raises yaml.YAMLError)."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -215,12 +398,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=c' -> (['a', 'b'], value typed as YAML would type it)."""
     path, sep, raw = text.partition("=")
     if not sep or not path or any(not part for part in path.split(".")):
-        raise RecipeError(f"--set {text!r}: expected key.path=value")
+        raise RecipeError(f"--set {_shorten(text)}: expected key.path=value")
+    if path.count(".") >= MAX_YAML_DEPTH:
+        raise RecipeError(f"--set {_shorten(text)}: key path deeper than {MAX_YAML_DEPTH} levels")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
+    except YAMLLimitError as exc:
+        raise RecipeError(f"--set {_shorten(text)}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return path.split("."), value
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
 
 
 def apply_overrides(data: dict, overrides) -> dict:
@@ -246,30 +438,50 @@ def _deepcopy(node):
     return node
 
 
-def _field_names(path: tuple) -> list[str]:
-    """Valid keys of the section at `path`, for "did you mean" suggestions."""
-    model = Recipe
-    for part in path:
-        field = model.model_fields.get(str(part))
+def _key_path(loc: tuple) -> tuple[tuple, Optional[type[BaseModel]]]:
+    """An error location without pydantic's union tags (('method', 'dkd', 'x') -> ('method', 'x')),
+    and the section model it ends in (None past the sections)."""
+    model, path, parts = Recipe, [], list(loc)
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        field = model.model_fields.get(str(part)) if model is not None else None
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+        if field is not None and field.discriminator and parts and str(parts[0]) in METHOD_SETTINGS:
+            model = METHOD_SETTINGS[str(parts.pop(0))]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            model = None
+    return tuple(path), model
+
+
+def _suggest(path: tuple, section: Optional[type[BaseModel]]) -> str:
+    """" (did you mean X?)" for an unknown key, or which method it belongs to when it is another method's setting."""
+    owners = [name for name, cls in METHOD_SETTINGS.items() if str(path[-1]) in cls.model_fields]
+    if path[:-1] == ("method",) and owners:
+        return f" (a setting of method {' / '.join(owners)}: set method.name too)"
+    return closest(path[-1], list(section.model_fields) if section else [])
 
 
 def _describe(error: dict) -> str:
     loc = tuple(error["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
+    path, _ = _key_path(loc)
+    key = ".".join(str(p) for p in path) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"unknown key {key}{closest(loc[-1], _field_names(loc[:-1]))}"
+        _, section = _key_path(loc[:-1])
+        return f"unknown key {key}{_suggest(path, section)}"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
+    if error["type"] == "union_tag_invalid" and path == ("method",):
+        tag = error["ctx"]["tag"]
+        return f"{key}.name: unknown method {tag!r}{closest(tag, METHOD_SETTINGS)}; known: {', '.join(sorted(METHOD_SETTINGS))}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return f"{key}: {error['msg'].lower()} (got {shown})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message[:1].lower() + message[1:]} (got {shown})"
 
 
 def recipe_from_dict(data: Any, source: str = "<recipe>", overrides=()) -> Recipe:
@@ -292,12 +504,16 @@ def load_recipe(path: str | os.PathLike, overrides=()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file (UTF-8 YAML expected)") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
+    except YAMLLimitError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
