@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import QUICKSTART, REPO, one_line_error
-from kdtool.recipe import RecipeError, load_recipe, parse_override, recipe_from_dict
+from kdtool.recipe import METHOD_SETTINGS, RecipeError, load_recipe, parse_override, recipe_from_dict
+
+SHIPPED = sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
 
 
 def test_quickstart_resolves_with_defaults():
@@ -14,12 +16,52 @@ def test_quickstart_resolves_with_defaults():
     assert recipe.export.opset >= 17  # a default filled in
 
 
-@pytest.mark.parametrize("name", ["cifar100_resnet32x4_resnet8x4", "imagenet_r50_mbv2"])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipes_validate(name, monkeypatch):
     monkeypatch.setenv("CIFAR100_ROOT", "/data/cifar100")
     monkeypatch.setenv("IMAGENET_ROOT", "/data/imagenet")
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
-    assert recipe.data.root.startswith("/data/")
+    assert recipe.name == name
+    assert recipe.data.name == "digits" or recipe.data.root.startswith("/data/")
+
+
+def test_shipped_recipes_include_the_papers_settings():
+    assert {"quickstart", "cifar100_resnet32x4_resnet8x4", "imagenet_r50_mbv2", "imagenet_r34_r18"} <= set(SHIPPED)
+
+
+def test_imagenet_r34_r18_is_the_papers_imagenet_setting(monkeypatch):
+    """ResNet-34 (V1) -> ResNet-18, SGD 0.9 no Nesterov, lr 0.1, wd 1e-4, 768 originals a step, 200 epochs,
+    x0.1 at 60/120/180, no warm-up, clip 20, mixed precision, CCD on the imagenet JDA policy."""
+    monkeypatch.setenv("IMAGENET_ROOT", "/data/imagenet")
+    recipe = load_recipe(REPO / "recipes" / "imagenet_r34_r18.yaml")
+    assert (recipe.teacher.name, recipe.teacher.weights, recipe.student.name) == ("resnet34", "IMAGENET1K_V1", "resnet18")
+    optimizer, schedule = recipe.train.optimizer, recipe.train.schedule
+    assert (optimizer.name, optimizer.lr, optimizer.momentum, optimizer.nesterov, optimizer.weight_decay) == (
+        "sgd", 0.1, 0.9, False, 1e-4)
+    assert recipe.data.batch_size * recipe.train.grad_accum == 768
+    assert recipe.data.batch_size % 8 == 0 and recipe.data.batch_size // 8 <= 64  # per GPU on 8 GPUs
+    assert (recipe.augment.jda.views, recipe.augment.jda.policy, recipe.method.name) == (1, "imagenet", "ccd")
+    assert recipe.train.epochs == 200 and schedule.name == "multistep" and schedule.milestones == [60, 120, 180]
+    assert schedule.gamma == 0.1 and schedule.warmup_epochs == 0
+    assert recipe.train.clip_grad_norm == 20 and recipe.runtime.mixed_precision != "no"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_every_method_name_validates_over_the_quickstart(method, cli_runner):
+    """The quickstart's method section (temperature, alpha, kd_weight) fits every method."""
+    recipe = load_recipe(QUICKSTART, [f"method.name={method}"])
+    assert type(recipe.method) is METHOD_SETTINGS[method] and recipe.method.temperature == 4
+    assert cli_runner("recipe", "check", QUICKSTART, "--set", f"method.name={method}").exit_code == 0
+
+
+def test_method_settings_live_with_the_method():
+    recipe = load_recipe(QUICKSTART, ["method.name=dkd", "method.nckd_weight=2", "method.warmup_epochs=5"])
+    assert (recipe.method.tckd_weight, recipe.method.nckd_weight, recipe.method.warmup_epochs) == (1.0, 2.0, 5.0)
+    recipe = load_recipe(QUICKSTART, ["method.name=dist", "method.intra_weight=3"])
+    assert (recipe.method.inter_weight, recipe.method.intra_weight) == (1.0, 3.0)
+    assert load_recipe(QUICKSTART, ["method={temperature: 2}"]).method.name == "ccd"  # name defaults to ccd
+    resolved = load_recipe(QUICKSTART, ["method.name=dist"])
+    assert recipe_from_dict(__import__("yaml").safe_load(__import__("kdtool.recipe").recipe.dump_recipe(resolved))) == resolved
 
 
 def test_overrides_are_typed_and_win():
@@ -55,6 +97,53 @@ BAD_RECIPES = {
     "not a mapping": ("- a\n- b\n", r"must be a mapping"),
     "bad milestone": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n"
                       "train: {epochs: 5, schedule: {name: multistep, milestones: [9]}}\n", r"train: .*milestones"),
+    "billion laughs": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\na: &a [x, x, x, x, x, x, x, x, x]\n"
+                       + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+                       r"more than \d+ values once aliases are expanded"),
+    "recursive alias": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\nx: &a [*a]\n",
+                        r"line 4: alias \*a is used inside the value it names"),
+    "recursive mapping alias": ("name: x\nteacher: &t {name: resnet8, train: *t}\nstudent: {name: resnet8}\n",
+                                r"alias \*t is used inside the value it names"),
+    "deep nesting": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: " + "{a: " * 5000 + "1"
+                     + "}" * 5000 + "\n", r"nested deeper than \d+ levels"),
+    "deep block nesting": ("name: x\ntrain:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(200)), r"nested deeper"),
+    "deep through aliases": ("name: x\na: &a " + "[" * 20 + "]" * 20 + "\nb: &b " + "[" * 15 + "*a" + "]" * 15 + "\n",
+                             r"nested deeper than \d+ levels once aliases are expanded"),
+    "nan gate": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\nbench: {gate: {max_top1_drop: {int8: .nan}}}\n",
+                 r"bench.gate.max_top1_drop.int8: input should be a finite number"),
+    "inf lr": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: {optimizer: {lr: .inf}}\n",
+               r"train.optimizer.lr: input should be a finite number"),
+    "unknown gate precision": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n"
+                               "bench: {gate: {max_top1_drop: {int9: 1}}}\n", r"unknown precision 'int9' \(did you mean 'int8'\?\)"),
+    "negative seed": ("name: x\nseed: -1\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n", r"seed: .*greater than or equal to 0"),
+    "huge seed": ("name: x\nseed: 100000000000000000000000\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                  r"seed: .*less than or equal to 4294967295"),
+    "negative split seed": ("name: x\ndata: {split_seed: -2}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                            r"data.split_seed: .*greater than or equal to 0"),
+    "val fraction": ("name: x\ndata: {val_fraction: 0.0001}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                     r"data.val_fraction: .*0.01"),
+    "empty verify batches": ("name: x\nexport: {verify_batch_sizes: []}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                             r"export.verify_batch_sizes: .*at least 1 item"),
+    "zero verify batch": ("name: x\nexport: {verify_batch_sizes: [0]}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                          r"export.verify_batch_sizes.0: .*greater than or equal to 1"),
+    "opset": ("name: x\nexport: {opset: 42}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+              r"export.opset: opset 42 is not supported: use 17..20"),
+    "escaping bundle name": ("name: x\nexport: {name: ../..}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                             r"export.name: must be a plain name"),
+    "absolute bundle name": ("name: x\nexport: {name: /etc}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                             r"export.name: must be a plain name"),
+    "escaping export root": ("name: x\nexport: {root: a/../../b}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                             r"export.root: .*'\.\.'"),
+    "empty bench batches": ("name: x\nbench: {batch_sizes: []}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                            r"bench.batch_sizes: .*at least 1 item"),
+    "unknown method": ("name: x\nmethod: {name: dkdd}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                       r"method.name: unknown method 'dkdd' \(did you mean 'dkd'\?\); known: ccd, dist, dkd, kd, vanilla"),
+    "method setting typo": ("name: x\nmethod: {name: dkd, nckd_wieght: 2}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
+                            r"unknown key method.nckd_wieght \(did you mean 'nckd_weight'\?\)"),
+    "another method's setting": ("name: x\nmethod: {name: kd, inter_weight: 2}\nteacher: {name: resnet8}\n"
+                                 "student: {name: resnet8}\n", r"unknown key method.inter_weight \(a setting of method dist"),
+    "method setting range": ("name: x\nmethod: {name: dkd, warmup_epochs: -1}\nteacher: {name: resnet8}\n"
+                             "student: {name: resnet8}\n", r"method.warmup_epochs: .*greater than or equal to 0"),
 }
 
 
@@ -81,6 +170,35 @@ def test_binary_recipe_file(cli_runner, tmp_path):
 def test_bad_override(cli_runner):
     assert "expected key.path=value" in one_line_error(cli_runner("recipe", "check", QUICKSTART, "--set", "train.epochs"))
     assert "unknown key train.epoks" in one_line_error(cli_runner("recipe", "check", QUICKSTART, "--set", "train.epoks=2"))
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("bench.gate.max_top1_drop.int8=.nan", r"bench.gate.max_top1_drop.int8: input should be a finite number"),
+    ("x=&a [*a]", r"--set 'x=&a \[\*a\]': line 1: alias \*a is used inside the value it names"),
+    ("train=" + "[" * 100 + "]" * 100, r"nested deeper than"),
+    ("a" + ".a" * 100 + "=1", r"key path deeper than"),
+    ("seed=-1", r"seed: .*greater than or equal to 0"),
+    ("export.name=..", r"export.name: must be a plain name"),
+    ("export.opset=21", r"export.opset: opset 21 is not supported: use 17..20"),
+])
+def test_hostile_override_is_one_line(override, pattern, cli_runner):
+    import re
+    line = one_line_error(cli_runner("recipe", "check", QUICKSTART, "--set", override))
+    assert re.search(pattern, line), line
+
+
+@pytest.mark.parametrize("seed, message", [("-1", "seed: input should be greater than or equal to 0"),
+                                           (str(2**32), "seed: input should be less than or equal to 4294967295"),
+                                           ("1e23", "'1e23' is not a valid integer")])
+def test_seed_option_out_of_range_is_one_line(seed, message, cli_runner, tmp_path):
+    assert message in one_line_error(cli_runner("distill", QUICKSTART, "--seed", seed))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_oversized_recipe_file_names_the_file(cli_runner, tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n# " + "x" * (2 << 20) + "\n")
+    assert "big.yaml" in one_line_error(cli_runner("recipe", "check", path))
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
