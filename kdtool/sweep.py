@@ -201,8 +201,10 @@ def normalise_grid(grid: Mapping) -> dict[str, list[Choice]]:
         axes[axis] = _axis_choices(axis, values)
         _check_axis(axis, axes[axis])
         for key in {key for choice in axes[axis] for key, _ in choice.overrides}:
-            if key in set_by:
-                raise KdtoolError(f"grid: {key} is set by both axis {set_by[key]} and axis {axis}")
+            other = next((k for k in set_by if _under(key, k) or _under(k, key)), None)
+            if other is not None:
+                raise KdtoolError(f"grid: {key} is set by axis {axis} and {other} by axis {set_by[other]}; "
+                                  f"one key, one axis")
             set_by[key] = axis
     return axes
 

@@ -120,6 +120,7 @@ def test_a_malformed_spec_is_one_line_naming_it(tmp_path, cli_runner, text, culp
     ({"grid": {"method": {"x": {"data.val_fraction": 0.3}}}}, "data.val_fraction"),
     ({"grid": {"method": {"x": {}}}}, "x"),                                 # a variant that sets nothing
     ({"grid": {"method.name": ["kd"], "m": {"x": {"method.name": "ccd"}}}}, "method.name"),  # two axes, one key
+    ({"grid": {"method.name": ["kd"], "m": {"x": {"method": {"name": "ccd"}}}}}, "method.name"),
     ({"grid": {"a/b": [1]}}, "a/b"),
     ({"recipe": "nosuch.yaml", "grid": {"method.name": ["kd"]}}, "nosuch.yaml"),
     ({"set": {"train.epochz": 3}, "grid": {"method.name": ["kd"]}}, "train.epochz"),
