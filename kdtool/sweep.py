@@ -237,7 +237,7 @@ class SweepPlan:
 def teacher_dir_name(cell: Cell) -> str:
     """The directory, in the teacher home, of the teacher this cell's teacher overrides make."""
     overrides = cell.teacher_overrides
-    return "teacher" if not overrides else safe_name(["teacher", *(o.replace('"', "") for o in overrides)])
+    return "teacher" if not overrides else safe_name(["teacher", *overrides])
 
 
 def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: Path) -> SweepPlan:
