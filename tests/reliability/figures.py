@@ -1,60 +1,193 @@
-"""The reliability table: each fault, how many trials its test runs, and the test.
+"""The reliability table: each fault family, the trials its tests ran, and how many survived, as counted.
 
-Every test named here runs `trials` trials and fails unless each one survives with nothing lost, so
-a row of the table stands only while its test passes. docs/reliability.md holds `render()`'s output
-(`python tests/reliability/figures.py` prints it; test_figures.py checks the two agree).
+Counting. A trial is one attempt at a fault (one kill, one corrupt file, one fuzzed recipe). Tests
+report trials through the `fault_trials` fixture (tests/reliability/conftest.py):
+
+    def test_corrupt_manifest(fault_trials, tmp_path):
+        trials = fault_trials("bundle_fuzz")          # a key of FAULTS
+        for case in CASES:
+            with trials.trial():                      # survived unless the block raises
+                ...                                   # do the damage, check the promise with asserts
+
+A `with trials.trial()` block that raises counts as run and not survived (the test fails too); a
+pytest.skip inside it counts as neither. A test of a family (matched by `Fault.test`) that records no
+trial itself counts as one trial: survived when it passes. Skipped tests are listed, not counted.
+
+Rendering. After a session that ran every family (nothing deselected), tests/reliability/conftest.py
+writes the counts to `.pytest_cache/d/kdtool-reliability/last_full_run.json`;
+`python tests/reliability/figures.py` renders that file as the table docs/reliability.md shows, and
+test_figures.py (run last) fails when the page and the counts of a full run disagree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RECORD_DIR = "kdtool-reliability"  # under pytest's cache directory (pytest's Cache.mkdir)
+RECORD_FILE = "last_full_run.json"
+SKIPPED_PREFIX = "Skipped where these counts were taken:"
 
 
 @dataclass(frozen=True)
 class Fault:
     fault: str
-    trials: int
     expected: str
-    test: str
+    test: str  # test file, or file::function, under tests/reliability/
+    trials: Optional[int] = None  # the trials a test is written to run (its own loop bound); never shown
 
 
 FAULTS = {
     "sigkill": Fault("`kdtool distill` killed with SIGKILL at a random point (teacher or student, mid-epoch or "
-                     "mid-checkpoint), with a half-written checkpoint and link left beside it", 6,
+                     "mid-checkpoint), with a half-written checkpoint and link left beside it",
                      "`--resume` finds a valid `last`; final metrics and weights equal an uninterrupted run's",
-                     "test_kill.py::test_sigkill_at_random_points_then_resume"),
-    "signal_cli": Fault("`kdtool distill` sent SIGINT / SIGTERM", 2,
+                     "test_kill.py::test_sigkill_at_random_points_then_resume", 6),
+    "signal_cli": Fault("`kdtool distill` sent SIGINT / SIGTERM",
                         "saves first; one line naming where it stopped, exit 130 / 143; `--resume` ends equal",
-                        "test_kill.py::test_sigint_and_sigterm_stop_cleanly"),
-    "signal_fit": Fault("SIGINT / SIGTERM at a chosen step (mid-epoch, mid-accumulation, epoch end), with dropout", 4,
+                        "test_kill.py::test_sigint_and_sigterm_stop_cleanly", 2),
+    "signal_fit": Fault("SIGINT / SIGTERM at a chosen step (mid-epoch, mid-accumulation, epoch end), with dropout",
                         "a mid-epoch checkpoint; resuming gives bit-identical metrics and weights",
-                        "test_interrupt.py::test_signal_saves_then_resume_is_exact"),
-    "nan": Fault("loss becomes NaN/inf (absurd learning rate; a loss turning NaN in epoch 2)", 2,
+                        "test_interrupt.py::test_signal_saves_then_resume_is_exact", 4),
+    "nan": Fault("loss becomes NaN/inf (absurd learning rate; a loss turning NaN in epoch 2)",
                  "exit 1 naming the epoch and step; the last good checkpoint kept and loadable",
-                 "test_kill.py::test_non_finite_loss_keeps_the_last_good_checkpoint"),
-    "lock": Fault("two `kdtool distill` on one run directory", 1,
+                 "test_kill.py::test_non_finite_loss_keeps_the_last_good_checkpoint", 2),
+    "lock": Fault("two `kdtool distill` on one run directory",
                   "the second refused, exit 2; the first finishes equal to a lone run",
-                  "test_kill.py::test_second_process_on_a_run_dir_is_refused"),
+                  "test_kill.py::test_second_process_on_a_run_dir_is_refused", 1),
     "corrupt": Fault("corrupt or foreign files: truncated safetensors, checkpoint of another architecture, truncated "
-                     "ONNX, manifest missing, manifest naming a missing artefact, engine of another TensorRT version", 6,
-                     "exit 2 with one line naming the file", "test_corrupt_files.py"),
-    "recipe_fuzz": Fault("fuzzed recipes: wrong types, missing/extra keys, unicode, huge numbers, empty and binary files",
-                         152, "never a traceback; exit 0, or exit 2 naming the key or file",
-                         "test_recipe_fuzz.py"),
-    "data": Fault("data faults: unreadable/truncated images (fail and skip), empty class folder, label out of range", 4,
+                     "ONNX, manifest missing, manifest naming a missing artefact, engine of another TensorRT version",
+                     "exit 2 with one line naming the file", "test_corrupt_files.py", 6),
+    "recipe_fuzz": Fault("fuzzed recipes: wrong types, missing/extra keys, unicode, huge numbers, NaN/inf, hostile "
+                         "values (seeds, opsets, names, batch sizes), alias bombs, recursive aliases, deep nesting, "
+                         "empty and binary files",
+                         "never a traceback; exit 0, or exit 2 naming the key or file", "test_recipe_fuzz.py"),
+    "data": Fault("data faults: unreadable/truncated images (fail and skip), empty class folder, label out of range",
                   "fail: exit 2 naming the file; skip: trains, `skipped_images` in metrics.jsonl; exit 2 naming "
-                  "the folder / file and label", "test_data_faults.py"),
+                  "the folder / file and label", "test_data_faults.py", 4),
     "disk_full": Fault("disk full while writing a checkpoint (file-size limit; a full 4 MiB tmpfs where mounting is "
-                       "allowed) and while writing a bundle", 3,
+                       "allowed) and while writing a bundle",
                        "exit 2, one line; the previous `last` / bundle intact; `--resume` ends equal",
-                       "test_disk_full.py"),
+                       "test_disk_full.py", 3),
+    "sweep": Fault("sweeps: a value given twice, invalid or unbuildable cells, cell names that sanitise alike, "
+                   "`--out` onto a run or a user's directory, a stale cell of another recipe, malformed spec files",
+                   "refused before any training with one line naming the culprit, exit 2; nothing of the user's "
+                   "touched", "test_sweep_faults.py"),
 }
 
 
-def render() -> str:
+class TrialCounter:
+    """Counts the trials of one fault family in one test (see the module docstring)."""
+
+    def __init__(self, family: str):
+        if family not in FAULTS:
+            raise KeyError(f"unknown fault family {family!r}; add it to FAULTS in tests/reliability/figures.py")
+        self.family, self.run, self.survived = family, 0, 0
+
+    @contextlib.contextmanager
+    def trial(self):
+        """One trial: survived when the block completes; a pytest.skip inside counts as no trial."""
+        try:
+            yield
+        except pytest.skip.Exception:
+            raise
+        except BaseException:
+            self.run += 1
+            raise
+        self.run += 1
+        self.survived += 1
+
+
+@dataclass
+class Record:
+    """What a session observed: per family [run, survived], skipped test ids, whether anything was deselected."""
+
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    deselected: bool = False
+
+    def add(self, family: str, run: int, survived: int) -> None:
+        totals = self.counts.setdefault(family, [0, 0])
+        totals[0] += run
+        totals[1] += survived
+
+    def observe(self, report, counters: list[TrialCounter]) -> None:
+        """Count the outcome of one test (its call's report, or its setup's when that failed or skipped)
+        and the counters it used.
+
+        An expected failure (xfail) is a trial that did not survive; a skipped test is listed, not counted.
+        """
+        test_id = short_id(report.nodeid)
+        skipped = report.skipped and not hasattr(report, "wasxfail")
+        if skipped and test_id not in self.skipped:
+            self.skipped.append(test_id)
+        for counter in counters:
+            self.add(counter.family, counter.run, counter.survived)
+        family = family_of(test_id)
+        if family and not counters and not skipped:
+            self.add(family, 1, int(report.passed))
+
+    def missing(self) -> list[str]:
+        """Families with no trial counted and no test skipped in this session."""
+        skipped_families = {family_of(test_id) for test_id in self.skipped}
+        return [key for key in FAULTS if key not in self.counts and key not in skipped_families]
+
+    def is_full(self) -> bool:
+        return not self.deselected and not self.missing()
+
+    def to_json(self) -> str:
+        return json.dumps({"counts": self.counts, "skipped": sorted(self.skipped)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Record":
+        data = json.loads(text)
+        return cls({k: list(v) for k, v in data["counts"].items()}, list(data["skipped"]))
+
+
+def short_id(nodeid: str) -> str:
+    """A pytest node id relative to tests/reliability/."""
+    return nodeid.split("tests/reliability/", 1)[-1]
+
+
+def family_of(test_id: str) -> Optional[str]:
+    """The family whose `test` is the longest prefix of `test_id` (a short node id), or None."""
+    def matches(test: str) -> bool:  # a file's tests, or a function's parametrized cases
+        return test_id == test or test_id.startswith(test + ("[" if "::" in test else "::"))
+    candidates = [key for key, fault in FAULTS.items() if matches(fault.test)]
+    return max(candidates, key=lambda key: len(FAULTS[key].test), default=None)
+
+
+def render(record: Record) -> str:
+    """The table (and the tests skipped where the counts were taken) for docs/reliability.md."""
     rows = ["| fault | trials | survived, nothing lost | expected outcome | test |", "|---|---|---|---|---|"]
-    rows += [f"| {f.fault} | {f.trials} | {f.trials} | {f.expected} | `tests/reliability/{f.test}` |" for f in FAULTS.values()]
-    return "\n".join(rows) + "\n"
+    for key, fault in FAULTS.items():
+        run, survived = record.counts.get(key, (0, 0))
+        rows.append(f"| {fault.fault} | {run} | {survived} | {fault.expected} | `tests/reliability/{fault.test}` |")
+    skipped = ", ".join(f"`{test_id}`" for test_id in sorted(record.skipped)) or "none"
+    return "\n".join(rows) + f"\n\n{SKIPPED_PREFIX} {skipped}.\n"
+
+
+def docs_skipped(text: str) -> set[str]:
+    """The skipped test ids a rendered page lists."""
+    for line in text.splitlines():
+        if line.startswith(SKIPPED_PREFIX):
+            return {part.strip(" `.,") for part in line[len(SKIPPED_PREFIX):].split("`, `")} - {"none", ""}
+    return set()
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[1]) if len(argv) > 1 else REPO / ".pytest_cache" / "d" / RECORD_DIR / RECORD_FILE
+    if not path.is_file():
+        print(f"no full run recorded at {path}: run `python -m pytest tests/reliability` first", file=sys.stderr)
+        return 2
+    print(render(Record.from_json(path.read_text())), end="")
+    return 0
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    sys.exit(main(sys.argv))

@@ -1,0 +1,56 @@
+"""Reliability-suite plumbing: the `fault_trials` recorder (see figures.py) and test_figures.py last."""
+from __future__ import annotations
+
+import pytest
+
+from figures import RECORD_DIR, RECORD_FILE, Record, TrialCounter, short_id
+
+RECORD = pytest.StashKey[Record]()
+COUNTERS = pytest.StashKey[dict]()  # node id -> the TrialCounters its test made
+
+
+def pytest_configure(config):
+    config.stash[RECORD] = Record()
+    config.stash[COUNTERS] = {}
+
+
+@pytest.fixture
+def fault_trials(request):
+    """`fault_trials("family")` -> a TrialCounter whose `with counter.trial():` blocks are counted."""
+    counters = request.config.stash[COUNTERS].setdefault(request.node.nodeid, [])
+
+    def counter(family: str) -> TrialCounter:
+        counters.append(TrialCounter(family))
+        return counters[-1]
+
+    return counter
+
+
+@pytest.fixture
+def trial_record(request) -> Record:
+    """What this session has counted so far."""
+    return request.config.stash[RECORD]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield  # outermost wrapper (a conftest's): xfail marks are already applied to the report
+    final = report.when == "call" or (report.when == "setup" and not report.passed)  # the test's outcome
+    if final and "tests/reliability/" in item.nodeid:
+        item.config.stash[RECORD].observe(report, item.config.stash[COUNTERS].pop(item.nodeid, []))
+    return report
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: short_id(item.nodeid).startswith("test_figures.py"))  # stable: figures last
+
+
+def pytest_deselected(items):
+    if any("tests/reliability/" in item.nodeid for item in items):
+        items[0].config.stash[RECORD].deselected = True
+
+
+def pytest_sessionfinish(session):
+    record, cache = session.config.stash[RECORD], getattr(session.config, "cache", None)
+    if record.is_full() and cache is not None:
+        (cache.mkdir(RECORD_DIR) / RECORD_FILE).write_text(record.to_json())
