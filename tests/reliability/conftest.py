@@ -1,9 +1,23 @@
-"""Reliability-suite plumbing: the `fault_trials` recorder (see figures.py) and test_figures.py last."""
+"""Reliability-suite plumbing: the `fault_trials` recorder (see figures.py) and test_figures.py last.
+
+Both conftest.py files get the module name `conftest` under pytest's rootdir imports, and the one
+imported last is what every `from conftest import ...` in tests/ then sees; so this file re-exports the
+public names of tests/conftest.py (its fixtures stay registered from there).
+"""
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 
 from figures import RECORD_DIR, RECORD_FILE, Record, TrialCounter, short_id
+
+_spec = importlib.util.spec_from_file_location("_kdtool_tests_conftest", Path(__file__).parents[1] / "conftest.py")
+_tests_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tests_conftest)
+globals().update({name: value for name, value in vars(_tests_conftest).items()
+                  if not name.startswith("_") and name not in globals() and not hasattr(value, "_fixture_function_marker")})
 
 RECORD = pytest.StashKey[Record]()
 COUNTERS = pytest.StashKey[dict]()  # node id -> the TrialCounters its test made
