@@ -1,11 +1,18 @@
-"""Model registry: torchvision classifiers and CIFAR-style ResNets, built by name.
+"""Model registry: torchvision classifiers, CIFAR-style ResNets and (optional extra) timm models, built by name.
 
-Weights come from a torchvision weights enum name (e.g. ``IMAGENET1K_V2``, read from torch's hub
-cache, downloaded only where the machine is online) or a local checkpoint: a kdtool checkpoint
-directory, a ``.safetensors`` file, or a ``.pt``/``.pth`` state dict.
+Names: a registry name (``resnet8``, ``resnet18``, ``mobilenet_v3_large`` ...) or ``timm:<name>`` for any
+timm model (``timm:convnext_tiny``, ``timm:resnet50.a1_in1k``). Weights (``weights:`` in a recipe):
+
+- null: random init;
+- a pretrained name: a torchvision weights enum name (``IMAGENET1K_V2``, read from torch's hub cache);
+  for timm ``pretrained`` (the name's tag, or timm's default) or a tag (``a1_in1k``), read from the
+  Hugging Face cache; either is downloaded only where the machine is online;
+- a local file: a kdtool checkpoint directory, a ``.safetensors`` file, or a ``.pt``/``.pth`` state dict
+  read with ``torch.load(weights_only=True)`` (never unpickled as code).
 """
 from __future__ import annotations
 
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -14,7 +21,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from kdtool.errors import KdtoolError, Registry
+from kdtool.errors import KdtoolError, Registry, closest
+
+TIMM_PREFIX = "timm:"
+PRETRAINED = "pretrained"
+CHECKPOINT_FILE = "model.safetensors"  # the tensors of a kdtool checkpoint directory
 
 
 # ------------------------------------------------------------------ CIFAR-style ResNets
@@ -95,26 +106,65 @@ def _weights_enum(model_name: str, weights_name: str):
     return getattr(enum, weights_name, None)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a kdtool checkpoint dir, a .safetensors file or a .pt/.pth state dict."""
-    from safetensors import SafetensorError
+def torchvision_weights(name: str, weights: str | None):
+    """The torchvision weights enum member `weights` names for registry model `name`, or None."""
+    if weights is None or name.startswith(TIMM_PREFIX) or name not in MODELS:
+        return None
+    return _weights_enum(name, weights)
+
+
+# ------------------------------------------------------------------ weights files
+def _weights_file(path: Path) -> Path:
+    """The file to read for `path`: itself, or the tensors of a kdtool checkpoint directory."""
+    if path.is_dir():
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise KdtoolError(f"weights directory {path} holds no {CHECKPOINT_FILE} (a kdtool checkpoint directory has one)")
+        path = path / CHECKPOINT_FILE
+    if not path.exists():
+        raise KdtoolError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise KdtoolError(f"weights {path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise KdtoolError(f"weights file {path} is empty (0 bytes)")
+    return path
+
+
+def _refusal_detail(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what was refused (torch >= 2.6 wording)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    detail = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), "")
+    return f": {detail[:160]}" if detail else ""
+
+
+def _load_tensors(path: Path):
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise KdtoolError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise KdtoolError(f"checkpoint {path} is unreadable or corrupt: {str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # torchvision reference checkpoints
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise KdtoolError(f"weights file {path} is not a plain state dict of tensors; the weights-only loader "
+                          f"refused it and ran nothing from it{_refusal_detail(exc)}") from None
+    # A hostile or damaged file can make the zip, pickle or safetensors readers raise nearly anything.
+    except Exception as exc:  # noqa: BLE001 - every reader error becomes one line naming the file
+        reason = next(iter(str(exc).splitlines()), "")[:160] or type(exc).__name__
+        raise KdtoolError(f"checkpoint {path} is unreadable or corrupt ({reason})") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a kdtool checkpoint dir, a .safetensors file or a .pt/.pth state dict; one line on anything else."""
+    path = _weights_file(Path(path))
+    state = _load_tensors(path)
+    for wrapper in ("model", "state_dict"):  # torchvision reference / timm training checkpoints
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise KdtoolError(f"checkpoint {path} holds no state dict of tensors")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise KdtoolError(f"checkpoint {path} holds non-finite values (NaN or inf) in {bad}")
     return state
 
 
@@ -138,24 +188,146 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state)
 
 
-def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    """Build a registered model with `num_classes` outputs and optional weights (enum name or path)."""
+def _load_file(model: nn.Module, weights: str, name: str) -> None:
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise KdtoolError(f"checkpoint not found: {weights} (nor is it a pretrained weights name of {name})")
+    load_weights(model, read_state_dict(path), str(path))
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's last Linear layer (the classifier of every registry model)."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return [f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()]
+
+
+# ------------------------------------------------------------------ torchvision and CIFAR nets
+def _build_registered(name: str, num_classes: int, weights: str | None, new_head: bool) -> nn.Module:
     model = MODELS[name](num_classes)
     if weights is None:
         return model
     enum_weights = _weights_enum(name, weights)
-    if enum_weights is not None:
-        categories = len(enum_weights.meta.get("categories", []))
-        if categories != num_classes:
-            raise KdtoolError(f"weights {weights} of {name} predict {categories} classes, the dataset has {num_classes}")
-        try:
-            state = enum_weights.get_state_dict(progress=False)
-        except OSError as exc:
-            raise KdtoolError(f"weights {name}.{weights} are not in torch's hub cache and could not be downloaded ({exc})") from None
-        load_weights(model, state, f"{name}.{weights}")
+    if enum_weights is None:
+        _load_file(model, weights, name)
         return model
-    path = Path(weights).expanduser()
-    if not path.exists():
-        raise KdtoolError(f"checkpoint not found: {weights} (nor is it a torchvision weights name of {name})")
-    load_weights(model, read_state_dict(path), str(path))
+    categories = len(enum_weights.meta.get("categories", []))
+    if categories != num_classes and not new_head:
+        raise KdtoolError(f"weights {weights} of {name} predict {categories} classes, the dataset has {num_classes}")
+    try:
+        state = enum_weights.get_state_dict(progress=False)
+    except OSError as exc:
+        raise KdtoolError(f"weights {name}.{weights} are not in torch's hub cache and could not be downloaded ({exc})") from None
+    if categories != num_classes:  # a student starting from pretrained features gets a fresh classifier
+        state.update({k: v for k, v in model.state_dict().items() if k in _classifier_keys(model)})
+    load_weights(model, state, f"{name}.{weights}")
     return model
+
+
+# ------------------------------------------------------------------ timm (optional extra)
+def _timm():
+    try:
+        import timm  # needs timm >= 1.0 (split_model_name_tag, get_pretrained_cfg, list_pretrained)
+    except ImportError:
+        raise KdtoolError("timm models need the timm package: pip install 'kdtool[timm]'") from None
+    return timm
+
+
+def parse_timm_name(name: str) -> tuple[str, str]:
+    """``timm:arch[.tag]`` -> (arch, tag); an unknown architecture gets 'did you mean'."""
+    timm = _timm()
+    from timm.models import is_model, split_model_name_tag
+
+    arch, tag = split_model_name_tag(name.removeprefix(TIMM_PREFIX))
+    if not is_model(arch):
+        raise KdtoolError(f"unknown timm model {arch!r}{closest(arch, timm.list_models())} (timm {timm.__version__})")
+    if tag and not timm.list_pretrained(f"{arch}.{tag}"):
+        raise KdtoolError(f"timm model {arch} has no pretrained tag {tag!r}"
+                          f"{closest(f'{arch}.{tag}', timm.list_pretrained(f'{arch}.*'))}")
+    return arch, tag
+
+
+def timm_pretrained_tag(name: str, weights: str | None) -> str | None:
+    """The pretrained tag that `weights` asks for on timm model `name` ('' = timm's default); None = no pretrained."""
+    arch, name_tag = parse_timm_name(name)
+    if weights is None:
+        return None
+    if weights == PRETRAINED:
+        return name_tag
+    if _timm().list_pretrained(f"{arch}.{weights}"):
+        if name_tag and name_tag != weights:
+            raise KdtoolError(f"weights {weights!r} conflict with the tag in the model name {name!r}")
+        return weights
+    return None
+
+
+def timm_pretrained_cfg(name: str, tag: str):
+    """timm's pretrained_cfg (mean, std, input_size, interpolation, num_classes, hf_hub_id) of `name` at `tag`."""
+    from timm.models import get_pretrained_cfg
+
+    arch, _ = parse_timm_name(name)
+    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise KdtoolError(f"timm model {arch} has no pretrained weights; use weights: null or a local file")
+    return cfg
+
+
+def _offline_hint(cfg) -> str:
+    import huggingface_hub.constants as hub
+
+    where = f"the Hugging Face cache {hub.HF_HUB_CACHE}" if cfg.hf_hub_id else "torch's hub cache"
+    offline = "HF_HUB_OFFLINE is set" if hub.HF_HUB_OFFLINE else "the download failed (offline? set HF_HUB_OFFLINE=1 to skip retries)"
+    fetch = f"`hf download {cfg.hf_hub_id}`" if cfg.hf_hub_id else f"fetch {cfg.url}"
+    return (f"not in {where} and {offline}: on a machine that is online run {fetch} (or any kdtool command "
+            f"once) and copy the cache here, or give a local .safetensors file as weights")
+
+
+def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool) -> nn.Module:
+    timm = _timm()
+    arch, name_tag = parse_timm_name(name)
+    tag = timm_pretrained_tag(name, weights)
+    if tag is None:
+        model = timm.create_model(f"{arch}.{name_tag}" if name_tag else arch, pretrained=False, num_classes=num_classes)
+        if weights is not None:
+            _load_file(model, weights, name)
+        return model
+    cfg = timm_pretrained_cfg(name, tag)
+    label = f"{TIMM_PREFIX}{arch}.{cfg.tag}"
+    if cfg.num_classes != num_classes and not new_head:
+        raise KdtoolError(f"pretrained weights {label} predict {cfg.num_classes} classes, the dataset has {num_classes}")
+    try:  # timm replaces the classifier itself when the class counts differ
+        return timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, num_classes=num_classes)
+    except OSError:  # huggingface_hub's LocalEntryNotFoundError and OfflineModeIsEnabled, urllib's URLError
+        raise KdtoolError(f"pretrained weights {label} are {_offline_hint(cfg)}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged cached file: safetensors/torch/timm errors
+        reason = next(iter(str(exc).splitlines()), "")[:160] or type(exc).__name__
+        raise KdtoolError(f"pretrained weights {label} could not be loaded ({reason})") from None
+
+
+def check_model_name(name: str) -> None:
+    """Raise the one-line error `build_model` would give for an unknown model name, without building it."""
+    if name.startswith(TIMM_PREFIX):
+        parse_timm_name(name)
+    elif name not in MODELS:
+        _unknown_registry_name(name)
+
+
+def _unknown_registry_name(name: str) -> None:
+    try:
+        from timm.models import is_model
+    except ImportError:
+        is_model = None
+    if is_model is not None and is_model(name.split(".")[0]):
+        raise KdtoolError(f"unknown model {name!r}; timm has it: use {TIMM_PREFIX}{name}")
+    MODELS[name]  # raises the registry's error naming the known models
+
+
+def build_model(name: str, num_classes: int, weights: str | None = None, *, new_head: bool = False) -> nn.Module:
+    """Build model `name` with `num_classes` outputs and optional weights (a pretrained name or a file).
+
+    Pretrained weights for another number of classes are refused, unless `new_head` (a student that starts
+    from pretrained features): then the classifier starts afresh. A local file must fit exactly.
+    """
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name, num_classes, weights, new_head)
+    check_model_name(name)
+    return _build_registered(name, num_classes, weights, new_head)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from kdtool.errors import KdtoolError, closest
 
@@ -60,9 +61,20 @@ class DataConfig(_Section):
 
 
 # ---------------------------------------------------------------- models
+class NormalizationConfig(_Section):
+    """The per-channel (RGB) mean and std, on [0, 1] images, that a model expects."""
+    mean: list[Annotated[float, Field(ge=0, le=1)]] = Field(min_length=3, max_length=3)
+    std: list[Annotated[float, Field(ge=1e-3, le=1)]] = Field(min_length=3, max_length=3)
+
+
 class ModelConfig(_Section):
-    name: str
-    weights: Optional[str] = Field(None, description="torchvision weights enum name or a checkpoint path")
+    name: str = Field(description="a registry name (resnet8, resnet18, ...) or timm:<name>[.<tag>]")
+    weights: Optional[str] = Field(None, description="null = random init; a torchvision weights enum name, "
+                                   "for timm 'pretrained' or a tag; or a checkpoint path")
+    normalization: Optional[Annotated[
+        Union[Annotated[Literal["dataset"], Tag("dataset")], Annotated[NormalizationConfig, Tag("values")]],
+        Discriminator(lambda v: "values" if isinstance(v, (dict, NormalizationConfig)) else "dataset"),
+    ]] = Field(None, description="null = the pretrained weights' own (else the dataset's); 'dataset'; or {mean, std}")
 
 
 # ---------------------------------------------------------------- training
