@@ -98,6 +98,10 @@ MODELS: Registry[Callable[[int], nn.Module]] = Registry(
 )
 
 
+def _is_registered(name: str) -> bool:
+    return name in set(MODELS)  # `in MODELS` would raise: Registry's lookup error is not a KeyError
+
+
 def _weights_enum(model_name: str, weights_name: str):
     try:
         enum = torchvision.models.get_model_weights(model_name)
@@ -108,7 +112,7 @@ def _weights_enum(model_name: str, weights_name: str):
 
 def torchvision_weights(name: str, weights: str | None):
     """The torchvision weights enum member `weights` names for registry model `name`, or None."""
-    if weights is None or name.startswith(TIMM_PREFIX) or name not in MODELS:
+    if weights is None or not _is_registered(name):
         return None
     return _weights_enum(name, weights)
 
@@ -307,7 +311,7 @@ def check_model_name(name: str) -> None:
     """Raise the one-line error `build_model` would give for an unknown model name, without building it."""
     if name.startswith(TIMM_PREFIX):
         parse_timm_name(name)
-    elif name not in MODELS:
+    elif not _is_registered(name):
         _unknown_registry_name(name)
 
 

@@ -1,0 +1,124 @@
+"""timm models by name: random init, local weight files, pretrained tags from the Hugging Face cache (offline), ONNX.
+
+No network: pretrained weights are planted in a temporary Hugging Face cache with HF_HUB_OFFLINE on, the way
+a machine that was online once keeps them.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kdtool.errors import KdtoolError
+from kdtool.models import build_model, check_model_name
+
+timm = pytest.importorskip("timm")
+hub_constants = pytest.importorskip("huggingface_hub.constants")
+
+TINY = "timm:test_resnet.r160_in1k"  # timm's own test model: 0.4 M parameters, mean/std 0.5
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache with the hub offline; returns a function that plants a model's weights."""
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))  # read at import; patch where it is read
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    def plant(repo_id: str, state: dict) -> None:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = "0" * 40
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        save_file(state, str(repo / "snapshots" / commit / "model.safetensors"))
+
+    return plant
+
+
+def _equal_states(a: torch.nn.Module, b: torch.nn.Module, skip: str = "\0") -> bool:
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items() if not k.startswith(skip))
+
+
+@pytest.mark.parametrize("name", ["timm:mobilenetv3_large_100", "timm:test_convnext", TINY])
+def test_timm_models_build_with_the_dataset_classes(name):
+    model = build_model(name, num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["timm:convnext_tiny", "timm:resnet50.a1_in1k", "timm:mobilenetv3_large_100"])
+def test_the_issue_names_resolve(name):
+    check_model_name(name)
+
+
+def test_unknown_names_say_what_was_meant():
+    with pytest.raises(KdtoolError, match=r"unknown timm model 'convnext_tinny' \(did you mean 'convnext_tiny'\?\)"):
+        build_model("timm:convnext_tinny", 10)
+    with pytest.raises(KdtoolError, match=r"no pretrained tag 'a1_in1kk' \(did you mean 'resnet50.a1_in1k'\?\)"):
+        check_model_name("timm:resnet50.a1_in1kk")
+    with pytest.raises(KdtoolError, match="timm has it: use timm:convnext_tiny"):
+        build_model("convnext_tiny", 10)
+    with pytest.raises(KdtoolError, match="conflict with the tag"):
+        build_model("timm:resnet50.a1_in1k", 10, "a2_in1k")
+
+
+def test_without_timm_the_name_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(KdtoolError, match=r"pip install 'kdtool\[timm\]'"):
+        build_model(TINY, 10)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_file_roundtrip(tmp_path, suffix):
+    source = build_model(TINY, 10)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"state_dict": source.state_dict()}, path)  # timm's training checkpoints nest it
+    loaded = build_model(TINY, 10, str(path))
+    assert _equal_states(source, loaded)
+    with pytest.raises(KdtoolError, match=r"does not fit the model: shape mismatch at fc.weight"):
+        build_model(TINY, 7, str(path))
+    with pytest.raises(KdtoolError, match="does not fit the model"):
+        build_model("timm:test_convnext", 10, str(path))
+
+
+def test_pretrained_tag_from_the_hf_cache_offline(hf_cache):
+    reference = timm.create_model("test_resnet.r160_in1k", num_classes=1000)
+    hf_cache("timm/test_resnet.r160_in1k", reference.state_dict())
+    for weights in ("pretrained", "r160_in1k"):
+        assert _equal_states(reference, build_model("timm:test_resnet", 1000, weights))
+    with pytest.raises(KdtoolError, match="predict 1000 classes, the dataset has 10"):
+        build_model(TINY, 10, "pretrained")  # a teacher needs its own head
+    student = build_model(TINY, 10, "pretrained", new_head=True)  # a student starts from the features
+    assert student.fc.out_features == 10 and _equal_states(student, reference, skip="fc.")
+
+
+def test_pretrained_not_cached_offline_is_one_line_with_what_to_do(hf_cache):
+    with pytest.raises(KdtoolError) as error:
+        build_model(TINY, 1000, "pretrained")
+    message = str(error.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE is set" in message
+    assert "hf download timm/test_resnet.r160_in1k" in message and "local .safetensors" in message
+
+
+def test_timm_student_exports_to_onnx_and_verifies(tmp_path):
+    """The exporter's own export and verification, at the recipe's default tolerances and batch sizes."""
+    from kdtool.export.onnx_export import export_onnx, ort_session, torch_logits, verify_logits
+    from kdtool.recipe import ExportConfig
+
+    cfg = ExportConfig()
+    model = build_model("timm:test_efficientnet", 10).eval()
+    images = np.random.default_rng(0).standard_normal((9, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "student.onnx"
+    export_onnx(model, path, image_size=32, opset=cfg.opset)
+    figures = verify_logits("timm student", ort_session(path), images, torch_logits(model, images),
+                            batch_sizes=cfg.verify_batch_sizes, max_abs_diff=cfg.max_abs_diff,
+                            min_cosine=cfg.min_cosine, min_top1_agreement=cfg.min_top1_agreement)
+    assert set(figures["batch_sizes"]) == {str(b) for b in cfg.verify_batch_sizes}  # CheckFailed on a miss
