@@ -114,7 +114,7 @@ BAD_RECIPES = {
     "inf lr": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: {optimizer: {lr: .inf}}\n",
                r"train.optimizer.lr: input should be a finite number"),
     "unknown gate precision": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n"
-                               "bench: {gate: {max_top1_drop: {int9: 1}}}\n", r"unknown precision 'int9' \(did you mean 'int8'\?\)"),
+                               "bench: {gate: {max_top1_drop: {int9: 1}}}\n", r"unknown key bench.gate.max_top1_drop.int9 \(did you mean 'int8'\?\); known: fp32, fp16, int8"),
     "negative seed": ("name: x\nseed: -1\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n", r"seed: .*greater than or equal to 0"),
     "huge seed": ("name: x\nseed: 100000000000000000000000\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
                   r"seed: .*less than or equal to 4294967295"),

@@ -75,7 +75,8 @@ def mutated_recipes(draw) -> Case:
     else:
         extra = draw(text.filter(lambda k: k not in parent))
         parent[extra] = draw(values)
-        path = path[:-1] + (extra,)
+        # the key as YAML reads it back (a quoted key folds line breaks such as U+0085 into spaces)
+        path = path[:-1] + tuple(yaml.safe_load(yaml.safe_dump({extra: 0}, allow_unicode=True)))
     return Case(yaml.safe_dump(data, allow_unicode=True), (), ".".join(str(k) for k in path))
 
 
