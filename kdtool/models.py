@@ -137,7 +137,12 @@ def _refusal_detail(exc: pickle.UnpicklingError) -> str:
     """The line of torch's weights-only refusal that says what was refused (torch >= 2.6 wording)."""
     lines = [line.strip() for line in str(exc).splitlines()]
     detail = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), "")
-    return f": {detail[:160]}" if detail else ""
+    return f": {_first_sentence(detail)}" if detail else ""
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of an error's first line: the fact, without the library's advice after it."""
+    return next(iter(text.splitlines()), "").split(". ")[0][:160]
 
 
 def _load_tensors(path: Path):
@@ -152,8 +157,8 @@ def _load_tensors(path: Path):
                           f"refused it and ran nothing from it{_refusal_detail(exc)}") from None
     # A hostile or damaged file can make the zip, pickle or safetensors readers raise nearly anything.
     except Exception as exc:  # noqa: BLE001 - every reader error becomes one line naming the file
-        reason = next(iter(str(exc).splitlines()), "")[:160] or type(exc).__name__
-        raise KdtoolError(f"checkpoint {path} is unreadable or corrupt ({reason})") from None
+        raise KdtoolError(f"checkpoint {path} is unreadable or corrupt "
+                          f"({_first_sentence(str(exc)) or type(exc).__name__})") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -303,8 +308,8 @@ def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool
     except OSError:  # huggingface_hub's LocalEntryNotFoundError and OfflineModeIsEnabled, urllib's URLError
         raise KdtoolError(f"pretrained weights {label} are {_offline_hint(cfg)}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged cached file: safetensors/torch/timm errors
-        reason = next(iter(str(exc).splitlines()), "")[:160] or type(exc).__name__
-        raise KdtoolError(f"pretrained weights {label} could not be loaded ({reason})") from None
+        raise KdtoolError(f"pretrained weights {label} could not be loaded "
+                          f"({_first_sentence(str(exc)) or type(exc).__name__})") from None
 
 
 def check_model_name(name: str) -> None:
