@@ -5,6 +5,7 @@ a machine that was online once keeps them.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -122,3 +123,22 @@ def test_timm_student_exports_to_onnx_and_verifies(tmp_path):
                             batch_sizes=cfg.verify_batch_sizes, max_abs_diff=cfg.max_abs_diff,
                             min_cosine=cfg.min_cosine, min_top1_agreement=cfg.min_top1_agreement)
     assert set(figures["batch_sizes"]) == {str(b) for b in cfg.verify_batch_sizes}  # CheckFailed on a miss
+
+
+def test_timm_teacher_and_torchvision_student_distil_export_and_bench(cli_runner, tmp_path):
+    """The issue's done-criterion on digits: a random-init timm teacher (trained in the run, with its own
+    normalisation from the recipe) and a torchvision student, through distill, export and bench."""
+    from conftest import QUICKSTART, TINY
+
+    overrides = [*TINY, "teacher.name=timm:test_resnet", "student.name=mobilenet_v3_small",
+                 "teacher.normalization={mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}"]
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    distilled = cli_runner("distill", QUICKSTART, *sets, "--out", tmp_path / "run")
+    assert distilled.exit_code == 0, distilled.output[-2000:]
+    exported = cli_runner("export", tmp_path / "run", "--out", tmp_path / "bundle")
+    assert exported.exit_code == 0, exported.output[-2000:]
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["model"] == {"name": "mobilenet_v3_small", "num_classes": 10, "teacher": "timm:test_resnet"}
+    benched = cli_runner("bench", tmp_path / "bundle", "--iters", "1", "--batch", "1", "--no-progress")
+    assert benched.exit_code == 0, benched.output[-2000:]
+    assert json.loads((tmp_path / "bundle" / "report.json").read_text())["accuracy"][0]["artefact"] == "teacher"
