@@ -78,6 +78,11 @@ FAULTS = {
                    "`--out` onto a run or a user's directory, a stale cell of another recipe, malformed spec files",
                    "refused before any training with one line naming the culprit, exit 2; nothing of the user's "
                    "touched", "test_sweep_faults.py"),
+    "unpickle": Fault("a pickle whose unpickling would create a file, planted as the recipe, teacher/student weights "
+                      "(.pt zip, raw .pth, named .safetensors), a checkpoint's weights or state given as weights, to "
+                      "export and to `--resume`, CIFAR-100's files, a bundle's manifest and reference arrays, the "
+                      "INT8 calibration cache, TensorRT's timing cache and engine",
+                      "the file never runs code (no marker file); exit 2 with one line", "test_no_unpickle.py"),
 }
 
 
