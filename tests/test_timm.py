@@ -130,7 +130,8 @@ def test_timm_teacher_and_torchvision_student_distil_export_and_bench(cli_runner
     normalisation from the recipe) and a torchvision student, through distill, export and bench."""
     from conftest import QUICKSTART, TINY
 
-    overrides = [*TINY, "teacher.name=timm:test_resnet", "student.name=mobilenet_v3_small",
+    # FP16 is off: its fixed tolerance is not what this checks, and a barely trained mobilenet can miss it.
+    overrides = [*TINY, "teacher.name=timm:test_resnet", "student.name=mobilenet_v3_small", "export.fp16=false",
                  "teacher.normalization={mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}"]
     sets = [arg for override in overrides for arg in ("--set", override)]
     distilled = cli_runner("distill", QUICKSTART, *sets, "--out", tmp_path / "run")
