@@ -62,3 +62,5 @@ def test_torchvision_weights_enum_from_the_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(model.fc.weight, reference.fc.weight)
     with pytest.raises(KdtoolError, match="predict 1000 classes, the dataset has 10"):
         build_model("resnet18", 10, "IMAGENET1K_V1")
+    student = build_model("resnet18", 10, "IMAGENET1K_V1", new_head=True)  # pretrained features, fresh classifier
+    assert student.fc.out_features == 10 and torch.equal(student.conv1.weight, reference.conv1.weight)
