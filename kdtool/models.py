@@ -290,12 +290,21 @@ def _offline_hint(cfg) -> str:
             f"once) and copy the cache here, or give a local .safetensors file as weights")
 
 
-def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool) -> nn.Module:
+def _timm_size(arch: str, tag: str, image_size: int | None) -> dict:
+    """img_size for models built for one input size (ViTs): timm resamples their position embeddings."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    return {"img_size": image_size} if image_size and cfg is not None and cfg.fixed_input_size else {}
+
+
+def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool, image_size: int | None) -> nn.Module:
     timm = _timm()
     arch, name_tag = parse_timm_name(name)
     tag = timm_pretrained_tag(name, weights)
     if tag is None:
-        model = timm.create_model(f"{arch}.{name_tag}" if name_tag else arch, pretrained=False, num_classes=num_classes)
+        model = timm.create_model(f"{arch}.{name_tag}" if name_tag else arch, pretrained=False, num_classes=num_classes,
+                                  **_timm_size(arch, name_tag, image_size))
         if weights is not None:
             _load_file(model, weights, name)
         return model
@@ -304,7 +313,8 @@ def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool
     if cfg.num_classes != num_classes and not new_head:
         raise KdtoolError(f"pretrained weights {label} predict {cfg.num_classes} classes, the dataset has {num_classes}")
     try:  # timm replaces the classifier itself when the class counts differ
-        return timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, num_classes=num_classes)
+        return timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, num_classes=num_classes,
+                                 **_timm_size(arch, cfg.tag, image_size))
     except OSError:  # huggingface_hub's LocalEntryNotFoundError and OfflineModeIsEnabled, urllib's URLError
         raise KdtoolError(f"pretrained weights {label} are {_offline_hint(cfg)}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged cached file: safetensors/torch/timm errors
@@ -330,13 +340,15 @@ def _unknown_registry_name(name: str) -> None:
     MODELS[name]  # raises the registry's error naming the known models
 
 
-def build_model(name: str, num_classes: int, weights: str | None = None, *, new_head: bool = False) -> nn.Module:
+def build_model(name: str, num_classes: int, weights: str | None = None, *, new_head: bool = False,
+                image_size: int | None = None) -> nn.Module:
     """Build model `name` with `num_classes` outputs and optional weights (a pretrained name or a file).
 
     Pretrained weights for another number of classes are refused, unless `new_head` (a student that starts
     from pretrained features): then the classifier starts afresh. A local file must fit exactly.
+    `image_size` (the data's) sizes timm models built for one input size (ViTs); others ignore it.
     """
     if name.startswith(TIMM_PREFIX):
-        return _build_timm(name, num_classes, weights, new_head)
+        return _build_timm(name, num_classes, weights, new_head, image_size)
     check_model_name(name)
     return _build_registered(name, num_classes, weights, new_head)

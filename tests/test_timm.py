@@ -52,6 +52,14 @@ def test_timm_models_build_with_the_dataset_classes(name):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_fixed_size_models_take_the_data_size():
+    model = build_model("timm:vit_tiny_patch16_224", 10, image_size=32).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(AssertionError):  # what the image size spares the user
+        build_model("timm:vit_tiny_patch16_224", 10)(torch.randn(1, 3, 32, 32))
+
+
 @pytest.mark.parametrize("name", ["timm:convnext_tiny", "timm:resnet50.a1_in1k", "timm:mobilenetv3_large_100"])
 def test_the_issue_names_resolve(name):
     check_model_name(name)
