@@ -178,6 +178,18 @@ class AugmentConfig(_Section):
     jda: JDAConfig = JDAConfig()
 
 
+def _tracker_name(name: str) -> str:
+    from accelerate.utils import LoggerType  # the trackers this Accelerate version knows (1.15: aim ... trackio)
+
+    known = sorted(t for t in LoggerType.list() if t != "all")
+    if name not in known:
+        raise ValueError(f"unknown tracker {name!r}{closest(name, known)}; known: {', '.join(known)}")
+    return name
+
+
+TrackerName = Annotated[str, AfterValidator(_tracker_name)]
+
+
 class RuntimeConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
@@ -189,6 +201,9 @@ class RuntimeConfig(_Section):
     channels_last: bool = True
     compile: bool = False
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; null = torch default")
+    log_with: Annotated[list[TrackerName], AfterValidator(_distinct)] = Field(
+        default_factory=list, max_length=16, description="experiment trackers Accelerate knows (tensorboard, wandb, mlflow, ...)")
+    log_every: int = Field(10, ge=1, le=1_000_000, description="optimizer steps between loss/lr records to the trackers")
 
 
 # ---------------------------------------------------------------- export and bench
