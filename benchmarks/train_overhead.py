@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kdtool import build_datasets, build_loader, build_loss, build_model, load_recipe, normalize
 from kdtool.recipe import MethodConfig
-from kdtool.train import build_accelerator, fit
+from kdtool.train import Teacher, build_accelerator, fit
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
@@ -68,7 +68,7 @@ def main() -> None:
             torch.manual_seed(repeat)
             result = fit(build_model(recipe.student.name, info.num_classes), datasets, train_cfg=recipe.train,
                          data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator, out_dir=Path(out),
-                         seed=repeat, loss_fn=loss_fn, teacher=teacher, progress=False)
+                         seed=repeat, loss_fn=loss_fn, teacher=Teacher(teacher), progress=False)
         kdtool_step = result.last["train_seconds"] / result.last["step"]
         torch.manual_seed(repeat)
         student = build_model(recipe.student.name, info.num_classes).to(memory_format=torch.channels_last)

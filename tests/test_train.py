@@ -122,7 +122,7 @@ from torch import nn
 from kdtool import build_datasets, build_loss, load_recipe
 from kdtool.augment import build_train_views
 from kdtool.recipe import MethodConfig
-from kdtool.train import build_accelerator, fit
+from kdtool.train import Teacher, build_accelerator, fit
 from safetensors.torch import save_file
 
 def net(width):  # no BatchNorm: per-process batch statistics are the one thing DDP does not average
@@ -136,7 +136,7 @@ accelerator = build_accelerator(recipe.runtime)
 datasets = build_datasets(recipe.data)
 loss_fn, _ = build_loss(MethodConfig(name="kd"))
 result = fit(net(8), datasets, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
-             accelerator=accelerator, out_dir=sys.argv[2], seed=0, loss_fn=loss_fn, teacher=net(12).eval(),
+             accelerator=accelerator, out_dir=sys.argv[2], seed=0, loss_fn=loss_fn, teacher=Teacher(net(12).eval()),
              train_views=build_train_views(recipe.augment.jda, recipe.seed), progress=False)
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from kdtool.errors import CheckFailed, KdtoolError
-from kdtool.recipe import Recipe, load_recipe
+from kdtool.recipe import MAX_SEED, Recipe, load_recipe
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -72,7 +72,7 @@ def recipe_options(command):
     for option in reversed([
         click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path)),
         set_option,
-        click.option("--seed", type=int, default=None, help="Override the recipe's seed."),
+        click.option("--seed", metavar="INT", default=None, help=f"Override the recipe's seed (0 to {MAX_SEED})."),
         click.option("--out", type=click.Path(path_type=Path), default=None,
                      help="Run directory (default: runs/<recipe name>)."),
         click.option("--resume", is_flag=True, help="Continue the run in the run directory from its last checkpoint."),
@@ -84,6 +84,22 @@ def recipe_options(command):
     return command
 
 
-def read_recipe(recipe_path: Path, overrides, seed: int | None) -> Recipe:
+def parse_seed(text: str | None) -> int | None:
+    """The --seed option as an int, or a one-line KdtoolError (Click's own type error is a usage block)."""
+    if text is None:
+        return None
+    try:
+        seed = int(text, 10)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_SEED:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise KdtoolError(f"--seed: expected a whole number from 0 to {MAX_SEED}, got {shown!r}")
+    return seed
+
+
+def read_recipe(recipe_path: Path, overrides, seed: str | None) -> Recipe:
+    """The recipe with `--set` overrides, then `--seed`, applied."""
+    seed = parse_seed(seed)
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     return load_recipe(recipe_path, overrides)

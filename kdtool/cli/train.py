@@ -45,8 +45,9 @@ def _print_summary(summary: dict) -> None:
 def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
     """Run every stage RECIPE enables: distil, then export (export.enabled) and bench (bench.enabled).
 
-    The bundle goes to <export.root>/<export.name or recipe name>; with --resume or --overwrite an
-    existing bundle of the run is replaced. Exit 1 when a verification or the accuracy gate fails.
+    The bundle goes to <export.root>/<export.name or recipe name>; an existing bundle there is
+    replaced only with --overwrite (--resume continues training, it never replaces a bundle).
+    Exit 1 when a verification or the accuracy gate fails.
 
     \b
     Example:
@@ -62,13 +63,14 @@ def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
     recipe = read_recipe(recipe_path, overrides, seed)
     run_dir = out or Path("runs") / recipe.name
     bundle_dir = bundle_dir_for(recipe)
-    if recipe.export.enabled and bundle_dir.exists() and not (overwrite or resume):
+    if recipe.export.enabled and (bundle_dir.exists() or bundle_dir.is_symlink()) and not overwrite:
         # Checked before training, so a finished run never ends on this.
-        raise KdtoolError(f"bundle directory {bundle_dir} exists; pass --overwrite to replace it or set export.name")
+        raise KdtoolError(f"bundle directory {bundle_dir} exists; pass --overwrite to replace it or set export.name"
+                          + (" (--resume never replaces a bundle)" if resume else ""))
     summary = run_distill(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
     _print_summary(summary)
     if recipe.export.enabled:
-        bundle = export_bundle(run_dir, overwrite=overwrite or resume, progress=progress)
+        bundle = export_bundle(run_dir, overwrite=overwrite, progress=progress)
         print_artefacts(bundle)
         if recipe.bench.enabled:
             from kdtool.cli.bench import bench_and_print

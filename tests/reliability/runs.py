@@ -15,7 +15,7 @@ from torch import nn
 from kdtool import build_datasets, build_loss, distill, load_recipe
 from kdtool.augment import build_train_views
 from kdtool.recipe import MethodConfig
-from kdtool.train import build_accelerator, fit
+from kdtool.train import Teacher, build_accelerator, fit
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -92,12 +92,12 @@ def kd_loss():
     return build_loss(MethodConfig(name="kd"))[0]
 
 
-def fit_micro(out_dir: Path, *, loss_fn=None, resume: bool = False):
+def fit_micro(out_dir: Path, *, loss_fn=None, resume: bool = False, overrides=()):
     """`fit` a tiny student from a tiny teacher with KD + JDA on the micro digits, accumulating 2 batches per step."""
-    recipe = load_recipe(QUICKSTART, MICRO + ["train.grad_accum=2", "augment.jda.p=0.5"])
+    recipe = load_recipe(QUICKSTART, MICRO + ["train.grad_accum=2", "augment.jda.p=0.5", *overrides])
     return fit(tiny_net(8), build_datasets(recipe.data), train_cfg=recipe.train, data_cfg=recipe.data,
                runtime=recipe.runtime, accelerator=build_accelerator(recipe.runtime), out_dir=out_dir, seed=0,
-               loss_fn=loss_fn or kd_loss(), teacher=tiny_net(12).eval(), train_views=build_train_views(recipe.augment.jda, recipe.seed),
+               loss_fn=loss_fn or kd_loss(), teacher=Teacher(tiny_net(12).eval()), train_views=build_train_views(recipe.augment.jda, recipe.seed),
                resume=resume, progress=False)
 
 
@@ -105,9 +105,9 @@ def on_call(loss_fn, at_call: int, action):
     """`loss_fn` that runs `action(result)` on its `at_call`-th call and returns what that gives."""
     calls = [0]
 
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         calls[0] += 1
-        parts = loss_fn(*args)
+        parts = loss_fn(*args, **kwargs)
         return action(parts) if calls[0] >= at_call else parts
 
     return wrapped

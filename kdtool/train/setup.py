@@ -1,0 +1,71 @@
+"""Building blocks of a training run: the Accelerator, the optimizer, the learning-rate schedule, per-epoch seeds."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from torch import nn
+
+from kdtool.recipe import OptimizerConfig, RuntimeConfig, TrainConfig
+from kdtool.train.tracking import LOGS_DIR, check_trackers
+
+
+def build_accelerator(runtime: RuntimeConfig, run_dir: Optional[Path] = None) -> Accelerator:
+    """One Accelerator per process; global batches are split across processes.
+
+    With `run_dir`, the recipe's experiment trackers (`runtime.log_with`) are set up to log under
+    `run_dir/logs`; a tracker whose package is missing is refused here, before anything trains.
+    """
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    trackers = {}
+    if run_dir is not None and runtime.log_with:
+        check_trackers(runtime.log_with)
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / LOGS_DIR))
+        trackers = {"log_with": list(runtime.log_with), "project_config": project}
+    return Accelerator(
+        cpu=runtime.cpu,
+        mixed_precision=runtime.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+        **trackers,
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov when asked and momentum > 0) or AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier after `step` optimizer steps: linear warm-up, then the schedule."""
+    schedule = cfg.schedule
+    warmup = schedule.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step / steps_per_epoch
+    if schedule.name == "multistep":
+        return schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    if schedule.name == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+        floor = schedule.min_lr / cfg.optimizer.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """A per-optimizer-step LambdaLR following `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed every RNG is reset to at the start of `epoch`: the state there depends on (seed, epoch) alone."""
+    return seed * 1000 + epoch
