@@ -1,7 +1,9 @@
-"""The export stage: a run's best student -> a verified, self-describing deploy bundle.
+"""The export stage: a run's best student -> a verified, self-describing, portable deploy bundle.
 
-A bundle is written into a staging directory and renamed into place at the end, so a bundle
-directory that exists is complete. `export/README.md` documents every manifest key.
+A bundle is written into a staging directory and renamed into place at the end, so a bundle directory
+that exists is complete; the bundle's lock is held throughout (bench takes the same lock). The layout
+and the manifest model live in `kdtool.bundle`; `export/README.md` documents every manifest key.
+`rebuild_engines` needs only the bundle: its ONNX sources, its recipe and its manifest.
 """
 from __future__ import annotations
 
@@ -15,39 +17,35 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
-from kdtool.data import DataInfo, Datasets, build_datasets, build_loader
-from kdtool.errors import KdtoolError
-from kdtool.evaluate import predict, topk_accuracy
-from kdtool.export.images import PREPROCESSING, ValidationBatches, calibration_set
-from kdtool.export.onnx_export import (
-    BATCH_DIM, EXPORTER, INPUT_NAME, OUTPUT_NAME, compare_logits, export_onnx, ort_session, run_batched, torch_logits,
-    verify_logits,
+from kdtool import bundle as layout
+from kdtool.bundle import (
+    ARTEFACTS, ENGINE_SOURCES, MANIFEST_FILE, STAGING_MARKER, TIMING_CACHE_FILE, Manifest, bundle_lock,
+    check_bundle_target, check_file, clean_leftovers, file_entry, is_bundle, read_manifest, write_manifest,
 )
-from kdtool.export.quantize import choose_reduce_range, convert_fp16, cpu_flags, quantize_with_fallback
-from kdtool.export.tensorrt import TIMING_CACHE_FILE, build_engine, require_tensorrt
-from kdtool.io import read_json_object, sha256_file, staging_dir, write_json_atomic
-from kdtool.recipe import Recipe, dump_recipe
-from kdtool.rundir import RECIPE_FILE, best_checkpoint, find_latest_run, load_student, run_recipe as _run_recipe
+from kdtool.data import DataInfo, Datasets, build_datasets
+from kdtool.errors import KdtoolError
+from kdtool.evaluate import topk_accuracy
+from kdtool.export.images import PREPROCESSING, ValidationBatches, calibration_set, first_images, preprocess
+from kdtool.export.onnx_export import (
+    BATCH_DIM, EXPORTER, INPUT_NAME, OUTPUT_NAME, compare_logits, export_onnx, torch_logits, verify_logits,
+)
+from kdtool.export.quantize import (
+    QuantScheme, choose_reduce_range, convert_fp16, cpu_flags, cpu_scheme, quantize_with_fallback, tensorrt_scheme,
+)
+from kdtool.export.runner import ort_session, run_batched
+from kdtool.export.tensorrt import build_engine, require_tensorrt
+from kdtool.io import sha256_file, staging_dir
+from kdtool.recipe import Recipe, dump_recipe, load_recipe
+from kdtool.rundir import RECIPE_FILE, best_checkpoint, find_latest_run, load_student, load_teacher  # noqa: F401
+from kdtool.rundir import run_recipe as _run_recipe
 
-FORMAT_NAME = "kdtool-bundle"
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-CHECKPOINT_FILE = "model.safetensors"
-ONNX_FILES = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
-ENGINE_SOURCES = {"trt_fp16": ("fp32", "fp16"), "trt_int8": ("int8", "int8")}  # key -> (onnx artefact, precision)
+INT8_SCHEMES = {"int8": "cpu", "int8_trt": "tensorrt"}  # artefact key -> scheme
 
 
 # ------------------------------------------------------------------ finding things
-def read_manifest(bundle_dir: Path) -> dict:
-    """The parsed manifest.json of `bundle_dir` (KdtoolError naming the file when absent or corrupt)."""
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise KdtoolError(f"bundle directory not found: {bundle_dir}")
-    return read_json_object(bundle_dir / MANIFEST_FILE, f"bundle manifest (is {bundle_dir} an export bundle?)")
-
-
 def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
     """The recipe a run was made with, with ``export.*`` overrides applied."""
     outside = [text for text in overrides if not text.startswith("export.")]
@@ -57,7 +55,13 @@ def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
 
 
 def bundle_dir_for(recipe: Recipe) -> Path:
-    return Path(recipe.export.root) / (recipe.export.name or recipe.name)
+    """The bundle directory a recipe names: export.root / (export.name or the recipe name), never outside the root."""
+    return layout.bundle_dir_for(recipe.export.root, recipe.export.name or recipe.name)
+
+
+def reference_images_requested(recipe: Recipe) -> int:
+    """export.reference_images (the reference set's size before the 64 MiB cap), or the default."""
+    return int(getattr(recipe.export, "reference_images", None) or layout.DEFAULT_REFERENCE_IMAGES)
 
 
 def _check_writable(target: Path) -> None:
@@ -69,40 +73,6 @@ def _check_writable(target: Path) -> None:
         raise KdtoolError(f"cannot write the bundle directory {target}: {target.parent} is not writable")
 
 
-# ------------------------------------------------------------------ the stage
-def export_bundle(run_dir: Path, *, out: Path | None = None, trt: bool = False, overwrite: bool = False,
-                  rebuild: bool = False, progress: bool = True, overrides: Sequence[str] = ()) -> Path:
-    """Export the run's best student to a verified bundle; returns the bundle directory.
-
-    `overrides` are ``export.key=value`` strings applied to the run's recipe. With `rebuild`
-    and an existing bundle, only its TensorRT engines are rebuilt for this machine.
-    """
-    run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir, overrides)
-    target = Path(out) if out is not None else bundle_dir_for(recipe)
-    say = _reporter(progress)
-    if rebuild and (target / MANIFEST_FILE).is_file():
-        return rebuild_engines(target, recipe, say)
-    if target.exists() and not overwrite:
-        raise KdtoolError(f"bundle directory {target} exists; pass --overwrite to replace it")
-    checkpoint = best_checkpoint(run_dir)
-    _check_writable(target)
-    if trt:
-        require_tensorrt()  # before minutes of work, not after
-    datasets = build_datasets(recipe.data)
-    model = load_student(run_dir, recipe, datasets.info.num_classes)
-    with staging_dir(target, overwrite=overwrite) as staging:
-        artefacts, calibration = _onnx_artefacts(staging, model, datasets, recipe, say)
-        if trt:
-            artefacts.update(_engines(staging, artefacts, recipe, say))
-        (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
-        _hash_artefacts(staging, artefacts)
-        manifest = _manifest(recipe, datasets.info, run_dir, checkpoint, calibration, artefacts, trt)
-        write_json_atomic(staging / MANIFEST_FILE, manifest)
-    say(f"bundle written to {target}")
-    return target
-
-
 def _reporter(progress: bool):
     def say(message: str) -> None:
         if progress:
@@ -110,67 +80,119 @@ def _reporter(progress: bool):
     return say
 
 
+# ------------------------------------------------------------------ the stage
+def export_bundle(run_dir: Path, *, out: Path | None = None, trt: bool = False, overwrite: bool = False,
+                  rebuild: bool = False, progress: bool = True, overrides: Sequence[str] = ()) -> Path:
+    """Export the run's best student to a verified, portable bundle; returns the bundle directory.
+
+    `overrides` are ``export.key=value`` strings applied to the run's recipe. With `rebuild` and an
+    existing bundle, only its TensorRT engines are rebuilt for this machine (`rebuild_engines`).
+    An existing directory is replaced only with `overwrite`, and only if it is a kdtool bundle.
+    """
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir, overrides)
+    target = Path(out) if out is not None else bundle_dir_for(recipe)
+    if rebuild and is_bundle(target):
+        return rebuild_engines(target, overrides=overrides, progress=progress)
+    check_bundle_target(target)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise KdtoolError(f"bundle directory {target} exists; pass --overwrite to replace it")
+    checkpoint = best_checkpoint(run_dir)
+    _check_writable(target)
+    if trt:
+        require_tensorrt()  # before minutes of work, not after
+    say = _reporter(progress)
+    with bundle_lock(target):
+        clean_leftovers(target)
+        datasets = build_datasets(recipe.data)
+        model = load_student(run_dir, recipe, datasets.info.num_classes)
+        with staging_dir(target, overwrite=overwrite) as staging:
+            (staging / STAGING_MARKER).touch()
+            artefacts, calibration = _onnx_artefacts(staging, model, datasets, recipe, say)
+            reference = _reference_set(staging, model, run_dir, datasets, recipe, say)
+            if trt:
+                artefacts.update(_engines(staging, artefacts, recipe, datasets.info.image_size, say))
+            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
+            manifest = _manifest(recipe, datasets.info, run_dir, checkpoint, calibration, reference,
+                                 _with_files(staging, artefacts), trt)
+            write_manifest(staging, manifest)
+            (staging / STAGING_MARKER).unlink()
+    say(f"bundle written to {target}")
+    return target
+
+
 def _onnx_artefacts(staging: Path, model: torch.nn.Module, datasets: Datasets, recipe: Recipe, say) -> tuple[dict, dict | None]:
-    """FP32, INT8 and FP16 ONNX models, each verified; returns (artefacts, calibration description)."""
+    """FP32, INT8 (CPU and TensorRT) and FP16 ONNX models, each verified; returns (artefacts, calibration)."""
     cfg, info = recipe.export, datasets.info
     validation = ValidationBatches(datasets.val, info, recipe.data)
     images, _ = validation.head(cfg.verify_images)
     reference = torch_logits(model, images)
-    artefacts: dict[str, dict] = {}
-
     say(f"exporting ONNX (opset {cfg.opset}) and checking it against PyTorch at batch sizes {cfg.verify_batch_sizes}")
-    fp32 = staging / ONNX_FILES["fp32"]
+    fp32 = staging / ARTEFACTS["fp32"].file
     export_onnx(model, fp32, image_size=info.image_size, opset=cfg.opset)
-    artefacts["fp32"] = _artefact("fp32", "fp32", "onnx", verify_logits(
+    artefacts = {"fp32": {"verification": verify_logits(
         "FP32 ONNX", ort_session(fp32), images, reference, batch_sizes=cfg.verify_batch_sizes,
-        max_abs_diff=cfg.max_abs_diff, min_cosine=cfg.min_cosine, min_top1_agreement=cfg.min_top1_agreement))
-
+        max_abs_diff=cfg.max_abs_diff, min_cosine=cfg.min_cosine, min_top1_agreement=cfg.min_top1_agreement)}}
     calibration = None
     if cfg.int8.enabled:
-        artefacts["int8"], calibration = _int8_artefact(staging, model, datasets, recipe, validation, images, reference, say)
-
+        calibration_images = calibration_set(datasets.train, info, cfg.int8.calibration_images, recipe.seed)
+        float_top1 = topk_accuracy(*_float_logits(model, validation), ks=(1,))["top1"]
+        reduce_range, reason = choose_reduce_range(cfg.int8.reduce_range, cpu_flags())
+        for key, scheme in (("int8", cpu_scheme(reduce_range, reason)), ("int8_trt", tensorrt_scheme())):
+            artefacts[key] = _int8_artefact(staging, key, scheme, calibration_images.images, validation, images,
+                                            reference, float_top1, recipe, say)
+        calibration = _calibration_description(calibration_images, cfg.int8.method)
     if cfg.fp16:
-        say("converting to FP16 (float32 inputs/outputs)")
-        convert_fp16(fp32, staging / ONNX_FILES["fp16"])
-        artefacts["fp16"] = _artefact("fp16", "fp16", "onnx", _verify_fp16(staging / ONNX_FILES["fp16"], images, reference, recipe))
+        say("converting to FP16 (float16 compute, float32 inputs/outputs)")
+        convert_fp16(fp32, staging / ARTEFACTS["fp16"].file)
+        artefacts["fp16"] = {"verification": _verify_fp16(staging / ARTEFACTS["fp16"].file, images, reference, recipe)}
     return artefacts, calibration
 
 
-def _int8_artefact(staging: Path, model, datasets: Datasets, recipe: Recipe, validation: ValidationBatches,
-                   images, reference, say) -> tuple[dict, dict]:
+def _float_logits(model: torch.nn.Module, validation: ValidationBatches) -> tuple[np.ndarray, np.ndarray]:
+    logits, labels = [], []
+    for batch_images, batch_labels in validation:
+        logits.append(torch_logits(model, batch_images))
+        labels.append(batch_labels)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def _int8_artefact(staging: Path, key: str, scheme: QuantScheme, calibration: np.ndarray, validation: ValidationBatches,
+                   images: np.ndarray, reference: np.ndarray, float_top1: float, recipe: Recipe, say) -> dict:
     int8_cfg = recipe.export.int8
-    calibration = calibration_set(datasets.train, datasets.info, int8_cfg.calibration_images, recipe.seed)
-    reduce_range, reason = choose_reduce_range(int8_cfg.reduce_range, cpu_flags())
-    logits, labels = predict(model, build_loader(datasets.val, recipe.data, train=False), datasets.info)
-    float_top1 = topk_accuracy(logits, labels, ks=(1,))["top1"]
-    say(f"quantising to INT8 Q/DQ on {len(calibration.indices)} training images ({int8_cfg.method}, "
-        f"per_channel={int8_cfg.per_channel}, reduce_range={reduce_range}); float top-1 {float_top1:.2f}%")
-    path = staging / ONNX_FILES["int8"]
-    result = quantize_with_fallback(staging / ONNX_FILES["fp32"], path, calibration=calibration.images,
-                                    validation=validation, input_name=INPUT_NAME, cfg=int8_cfg,
-                                    reduce_range=reduce_range, float_top1=float_top1)
-    say(f"INT8 top-1 {result.int8_top1:.2f}% (drop {result.top1_drop:.2f} points, "
+    numerics = "emulated Q/DQ in float" if scheme.emulated else "ONNX Runtime CPU kernels"
+    say(f"quantising to INT8 Q/DQ for {ARTEFACTS[key].target} ({scheme.name}) on {len(calibration)} training images "
+        f"({int8_cfg.method}, per_channel={int8_cfg.per_channel}, reduce_range={scheme.reduce_range}); "
+        f"judged on {numerics}; float top-1 {float_top1:.2f}%")
+    path = staging / ARTEFACTS[key].file
+    result = quantize_with_fallback(staging / ARTEFACTS["fp32"].file, path, calibration=calibration,
+                                    validation=validation, input_name=INPUT_NAME, cfg=int8_cfg, scheme=scheme,
+                                    float_top1=float_top1)
+    say(f"{key} top-1 {result.int8_top1:.2f}% (drop {result.top1_drop:.2f} points, "
         f"{len(result.kept_in_float)} node(s) kept in float)")
-    verification = {
-        "vs_pytorch": {"images": int(len(images)), **compare_logits(reference, run_batched(ort_session(path), images, 32))},
-        "accuracy": {"split": "val", "images": len(validation), "float_top1": round(result.float_top1, 4),
-                     "int8_top1": round(result.int8_top1, 4), "top1_drop": round(result.top1_drop, 4),
-                     "max_top1_drop": int8_cfg.max_top1_drop},
-        "fallback": {"kept_in_float": result.kept_in_float, "budget": int8_cfg.fallback_budget,
-                     "sensitivity_top": result.sensitivity, "steps": result.steps,
-                     "sensitivity_metric": "SQNR (dB) lost across the node: worst dequantised-input SQNR - output "
-                                           "SQNR, Q/DQ vs float activations on the calibration images"},
+    described = scheme.describe(int8_cfg.per_channel)
+    versus = compare_logits(reference, run_batched(ort_session(path, emulated=scheme.emulated), images, 32))
+    return {
+        "quantization": described,
+        "verification": {
+            "vs_pytorch": {"images": int(len(images)), **versus},
+            "accuracy": {"split": "val", "images": len(validation), "numerics": described["numerics"],
+                         "float_top1": round(result.float_top1, 4), "int8_top1": round(result.int8_top1, 4),
+                         "top1_drop": round(result.top1_drop, 4), "max_top1_drop": int8_cfg.max_top1_drop},
+            "fallback": {"kept_in_float": result.kept_in_float, "budget": int8_cfg.fallback_budget,
+                         "sensitivity_top": result.sensitivity, "steps": result.steps,
+                         "sensitivity_metric": "SQNR (dB) lost across the node: worst dequantised-input SQNR - "
+                                               "output SQNR, Q/DQ vs float activations on the calibration images"},
+        },
     }
-    description = {
-        "images": len(calibration.indices), "split": "train",
-        "selection": f"seeded permutation of the training set (seed {calibration.seed}), first N, sorted",
-        "indices": calibration.indices,
-        "transform": f"the training transform with torch seeded to {calibration.seed}, then {PREPROCESSING}",
-        "method": int8_cfg.method, "per_channel": int8_cfg.per_channel,
-        "reduce_range": reduce_range, "reduce_range_reason": reason,
-        "format": "QDQ", "activation_type": "uint8", "weight_type": "int8",
-    }
-    return _artefact("int8", "int8", "onnx", verification), description
+
+
+def _calibration_description(calibration, method: str) -> dict:
+    return {"images": len(calibration.indices), "split": "train",
+            "selection": f"seeded permutation of the training set (seed {calibration.seed}), first N, sorted",
+            "indices": calibration.indices,
+            "transform": f"the training transform with torch seeded to {calibration.seed}, then {PREPROCESSING}",
+            "method": method}
 
 
 def _verify_fp16(path: Path, images, reference, recipe: Recipe) -> dict | str:
@@ -184,52 +206,93 @@ def _verify_fp16(path: Path, images, reference, recipe: Recipe) -> dict | str:
                          min_top1_agreement=cfg.fp16_min_top1_agreement)
 
 
-def _artefact(key: str, precision: str, kind: str, verification, **extra) -> dict:
-    return {"file": _file_of(key), "precision": precision, "kind": kind,
-            "verification": verification, **extra}
-
-
-def _file_of(key: str) -> str:
-    return ONNX_FILES.get(key) or f"model.{key}.engine"
+def _reference_set(staging: Path, model: torch.nn.Module, run_dir: Path, datasets: Datasets, recipe: Recipe, say) -> dict:
+    """The first N validation images (uint8), labels, teacher and float-student logits, saved into the bundle."""
+    info = datasets.info
+    count = layout.reference_count(reference_images_requested(recipe), len(datasets.val), info.image_size,
+                                   info.num_classes)
+    images, labels = first_images(datasets.val, recipe.data, count)
+    inputs = preprocess(torch.from_numpy(images), info)
+    teacher = load_teacher(run_dir, recipe, info.num_classes)
+    arrays = {"images": images, "labels": labels,
+              "teacher_logits": torch_logits(teacher, inputs).astype(np.float32),
+              "student_logits": torch_logits(model, inputs).astype(np.float32)}
+    say(f"reference set: {len(labels)} validation images with labels, teacher and float-student logits")
+    return layout.write_reference(staging, arrays, "val", f"the first {len(labels)} validation images in loader order")
 
 
 # ------------------------------------------------------------------ TensorRT
-def _engines(bundle: Path, artefacts: dict, recipe: Recipe, say) -> dict:
-    """TensorRT engines for the ONNX artefacts present, sharing one timing cache in the bundle."""
+def _engines(bundle_dir: Path, artefacts: dict, recipe: Recipe, image_size: int, say) -> dict:
+    """Strongly typed TensorRT engines from the FP16 and TensorRT-INT8 ONNX artefacts, sharing one timing cache."""
     built = {}
-    for key, (source, precision) in ENGINE_SOURCES.items():
+    for key, source in ENGINE_SOURCES.items():
         if source not in artefacts:
+            say(f"no {key} engine: the bundle has no {source} artefact")
             continue
-        say(f"building TensorRT {precision} engine from {artefacts[source]['file']}")
-        engine = build_engine(bundle / artefacts[source]["file"], bundle / _file_of(key), precision=precision,
-                              input_name=INPUT_NAME, image_size=recipe.data.image_size, cfg=recipe.export.tensorrt,
-                              timing_cache=bundle / TIMING_CACHE_FILE)
-        built[key] = _artefact(key, precision, "tensorrt",
-                               "unverified: engines are checked on the GPU by `kdtool bench`",
-                               source=artefacts[source]["file"], engine=engine, timing_cache=TIMING_CACHE_FILE)
+        spec = ARTEFACTS[key]
+        say(f"building TensorRT {spec.precision} engine (strongly typed) from {ARTEFACTS[source].file}")
+        engine = build_engine(bundle_dir / ARTEFACTS[source].file, bundle_dir / spec.file, precision=spec.precision,
+                              input_name=INPUT_NAME, image_size=image_size, cfg=recipe.export.tensorrt,
+                              timing_cache=bundle_dir / TIMING_CACHE_FILE)
+        built[key] = {"verification": "unverified: engines are checked on the GPU by `kdtool bench`",
+                      "source": ARTEFACTS[source].file, "engine": engine, "timing_cache": TIMING_CACHE_FILE}
+    if not built:
+        raise KdtoolError("--trt: no engine to build (export.fp16 and export.int8.enabled are both off)")
     return built
 
 
-def rebuild_engines(bundle_dir: Path, recipe: Recipe, say=print) -> Path:
-    """Rebuild an existing bundle's TensorRT engines for this machine, keeping its ONNX models."""
+def rebuild_engines(bundle_dir: Path, *, overrides: Sequence[str] = (), progress: bool = True) -> Path:
+    """Rebuild a bundle's TensorRT engines for this machine from its own ONNX models, recipe and manifest
+    (no run directory needed); `overrides` may change ``export.tensorrt.*``."""
+    bundle_dir = Path(bundle_dir)
+    outside = [text for text in overrides if not text.startswith("export.tensorrt.")]
+    if outside:
+        raise KdtoolError(f"--set {outside[0]!r}: --rebuild may only override keys under export.tensorrt.")
     require_tensorrt()
-    manifest = read_manifest(bundle_dir)
-    with staging_dir(bundle_dir, overwrite=True) as staging:
-        shutil.copytree(bundle_dir, staging, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.engine", TIMING_CACHE_FILE, MANIFEST_FILE))
-        onnx_artefacts = {key: entry for key, entry in manifest["artefacts"].items() if entry["kind"] == "onnx"}
-        manifest["artefacts"] = {**onnx_artefacts, **_engines(staging, onnx_artefacts, recipe, say)}
-        _hash_artefacts(staging, manifest["artefacts"])
-        manifest["versions"] = _versions(with_tensorrt=True)
-        write_json_atomic(staging / MANIFEST_FILE, manifest)
-    return Path(bundle_dir)
+    say = _reporter(progress)
+    check_bundle_target(bundle_dir)
+    with bundle_lock(bundle_dir):
+        clean_leftovers(bundle_dir)
+        manifest = read_manifest(bundle_dir)
+        recipe = _bundle_recipe(bundle_dir, manifest, overrides)
+        onnx_keys = [key for key, entry in manifest.artefacts.items() if entry.kind == "onnx"]
+        for key in onnx_keys:
+            check_file(bundle_dir, manifest.artefacts[key], f"artefact {key!r}")
+        with staging_dir(bundle_dir, overwrite=True) as staging:
+            (staging / STAGING_MARKER).touch()
+            shutil.copytree(bundle_dir, staging, dirs_exist_ok=True, symlinks=True,
+                            ignore=shutil.ignore_patterns("*.engine", TIMING_CACHE_FILE, MANIFEST_FILE, RECIPE_FILE))
+            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
+            kept = {key: manifest.artefacts[key].model_dump(mode="json") for key in onnx_keys}
+            engines = _engines(staging, kept, recipe, manifest.preprocessing.image_size, say)
+            data = manifest.model_dump(mode="json")
+            data["artefacts"] = {**kept, **_with_files(staging, engines)}
+            data["versions"] = _versions(with_tensorrt=True)
+            write_manifest(staging, _validated(data))
+            (staging / STAGING_MARKER).unlink()
+    say(f"engines rebuilt in {bundle_dir}")
+    return bundle_dir
+
+
+def _bundle_recipe(bundle_dir: Path, manifest: Manifest, overrides: Sequence[str]) -> Recipe:
+    """The bundle's recipe.yaml, checked against the manifest's recipe_sha256, with `overrides` applied."""
+    path = layout.bundle_file(bundle_dir, RECIPE_FILE, "bundle recipe")
+    if not path.is_file():
+        raise KdtoolError(f"the bundle's recipe {path} is missing")
+    if load_recipe(path).digest() != manifest.provenance.recipe_sha256:
+        raise KdtoolError(f"{path} does not match provenance.recipe_sha256 in the manifest (edited? export again)")
+    return load_recipe(path, overrides)
 
 
 # ------------------------------------------------------------------ the manifest
-def _hash_artefacts(bundle: Path, artefacts: dict) -> None:
-    for entry in artefacts.values():
-        entry["sha256"] = sha256_file(bundle / entry["file"])
-        entry["size_bytes"] = (bundle / entry["file"]).stat().st_size
+def _with_files(bundle_dir: Path, artefacts: dict) -> dict:
+    """Each artefact entry completed with its file, sha256, size, precision, kind and target."""
+    complete = {}
+    for key, entry in artefacts.items():
+        spec = ARTEFACTS[key]
+        complete[key] = {**file_entry(bundle_dir, spec.file), "precision": spec.precision, "kind": spec.kind,
+                         "target": spec.target, **{k: v for k, v in entry.items() if k not in ("file", "sha256", "size_bytes")}}
+    return complete
 
 
 def _versions(with_tensorrt: bool) -> dict:
@@ -243,17 +306,23 @@ def _versions(with_tensorrt: bool) -> dict:
     return versions
 
 
+def _validated(data: dict) -> Manifest:
+    """`data` read back through the manifest model, exactly as bench will read it (a bug here is not user input)."""
+    return Manifest.model_validate_json(json.dumps(data))
+
+
 def _manifest(recipe: Recipe, info: DataInfo, run_dir: Path, checkpoint: Path, calibration: dict | None,
-              artefacts: dict, trt: bool) -> dict:
+              reference: dict, artefacts: dict, trt: bool) -> Manifest:
     size = info.image_size
-    return {
-        "format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
+    return _validated({
+        "format": {"name": layout.FORMAT_NAME, "version": layout.FORMAT_VERSION},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"name": recipe.student.name, "num_classes": info.num_classes, "teacher": recipe.teacher.name},
         "preprocessing": {
             "image_size": size, "height": size, "width": size, "layout": "NCHW", "channels": "RGB",
             "dtype": "float32", "pipeline": PREPROCESSING, "scale": 1 / 255,
-            "mean": list(info.mean), "std": list(info.std), "class_names": list(info.class_names),
+            "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
+            "class_names": [str(name) for name in info.class_names],
         },
         "opset": recipe.export.opset,
         "input": {"name": INPUT_NAME, "shape": [BATCH_DIM, 3, size, size], "dtype": "float32"},
@@ -264,6 +333,7 @@ def _manifest(recipe: Recipe, info: DataInfo, run_dir: Path, checkpoint: Path, c
             "exporter": EXPORTER,
         },
         "calibration": calibration,
+        "reference": reference,
         "versions": _versions(with_tensorrt=trt),
         "artefacts": artefacts,
-    }
+    })

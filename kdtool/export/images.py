@@ -12,16 +12,31 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdtool.bundle import PREPROCESSING  # noqa: F401  (re-exported; defined with the bundle layout)
 from kdtool.data import DataInfo, build_loader, normalize
 from kdtool.errors import KdtoolError
 from kdtool.recipe import DataConfig
-
-PREPROCESSING = "uint8 /255 then (x-mean)/std"
 
 
 def preprocess(images_uint8: torch.Tensor, info: DataInfo) -> np.ndarray:
     """uint8 (N, 3, H, W) images -> normalised float32 numpy, as the trainer does it."""
     return normalize(images_uint8, info).numpy().astype(np.float32, copy=False)
+
+
+def first_images(dataset: Dataset, data_cfg: DataConfig, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` images of `dataset` in loader order, as uint8 (N, 3, H, W), and their labels (int64)."""
+    images, labels = [], []
+    for batch_images, batch_labels in build_loader(dataset, data_cfg, train=False):
+        if batch_images.dtype != torch.uint8:  # [0, 1] float images: back to the uint8 grid they were read from
+            batch_images = batch_images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+        images.append(batch_images.numpy())
+        labels.append(batch_labels.numpy())
+        if sum(len(b) for b in images) >= count:
+            break
+    if not images:
+        raise KdtoolError("the validation set is empty")
+    return (np.ascontiguousarray(np.concatenate(images)[:count], dtype=np.uint8),
+            np.concatenate(labels)[:count].astype(np.int64))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import onnx
 import torch
 from torch import nn
 
-from kdtool.errors import CheckFailed, KdtoolError
+from kdtool.errors import CheckFailed
+from kdtool.export.runner import batched_logits, ort_session, run_batched  # noqa: F401  (re-exported: the one session factory)
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -44,29 +45,6 @@ def export_onnx(model: nn.Module, path: Path, *, image_size: int, opset: int) ->
     return proto
 
 
-def ort_session(model: Path | bytes, threads: int | None = None):
-    """A CPU ONNX Runtime session with full graph optimisation."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types (Fail, NotImplemented, ...)
-        raise KdtoolError(f"ONNX Runtime cannot load {model if isinstance(model, Path) else 'the model'}: "
-                          f"{str(exc).splitlines()[0]}") from None
-
-
-def run_batched(session, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits of `session` over `images`, fed `batch_size` at a time (the last batch may be smaller)."""
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i:i + batch_size]})[0]
-                           for i in range(0, len(images), batch_size)])
-
-
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """max |diff|, the lowest per-image cosine similarity, and top-1 agreement (fraction)."""
     reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
@@ -82,8 +60,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
 def torch_logits(model: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Float PyTorch logits, the reference every artefact is compared with."""
     with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(images[i:i + batch_size])).numpy()
-                               for i in range(0, len(images), batch_size)])
+        return batched_logits(lambda batch: model(torch.from_numpy(batch)).float().numpy(), [images], batch_size)
 
 
 def verify_logits(label: str, session, images: np.ndarray, reference: np.ndarray, *, batch_sizes: Iterable[int],

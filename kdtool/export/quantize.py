@@ -1,8 +1,19 @@
 """INT8 explicit Q/DQ with accuracy-aware fallback, and FP16 conversion.
 
-INT8 follows ONNX Runtime's CPU guidance: uint8 activations with int8 weights (U8S8) in the QDQ
-format, and 7-bit weights (``reduce_range``) on x86 CPUs without VNNI/AMX, where the AVX2 u8*s8
-multiply-add (vpmaddubsw) can saturate its int16 intermediate sums.
+Two INT8 schemes, one per target runtime (`QuantScheme`):
+
+- ``u8s8`` for ONNX Runtime on CPUs, after ONNX Runtime's CPU guidance: uint8 activations with int8
+  weights in the QDQ format, and 7-bit weights (``reduce_range``) on x86 CPUs without VNNI/AMX, where
+  the AVX2 u8*s8 multiply-add (vpmaddubsw) can saturate its int16 intermediate sums. Its accuracy is
+  judged on ONNX Runtime's CPU integer kernels, which is what runs it.
+- ``s8s8-symmetric`` for TensorRT, which supports symmetric quantisation only (int8 Q/DQ, zero points 0;
+  its ONNX parser refuses others): int8 activations and weights, zero points 0, per-channel weights,
+  narrow range [-127, 127] (onnxruntime's symmetric int8 range), no reduce_range, float biases (TensorRT
+  takes no int32 bias DequantizeLinear), and Q/DQ only on the inputs of Conv/ConvTranspose/Gemm/MatMul
+  (activation and weight), where TensorRT fuses them: the DequantizeLinear pair into the layer, the
+  QuantizeLinear into the producer's epilogue; the rest of the graph stays float, as its ONNX types say.
+  Its accuracy is judged by running the Q/DQ graph in float (`kdtool.export.runner`, emulated=True),
+  the arithmetic TensorRT performs, not on this CPU's integer kernels.
 
 The fallback measures each quantised node's sensitivity as the SQNR (dB) lost across it: the
 SQNR of its output in the Q/DQ model against the float model, subtracted from the SQNR of the
@@ -25,7 +36,7 @@ import onnx
 
 from kdtool.evaluate import topk_accuracy
 from kdtool.errors import CheckFailed
-from kdtool.export.onnx_export import ort_session
+from kdtool.export.runner import chunks, labelled_logits, ort_session, session_predict
 from kdtool.recipe import Int8Config
 
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -55,6 +66,58 @@ def choose_reduce_range(setting: bool | None, flags: set[str]) -> tuple[bool, st
         return True, ("x86 CPU without VNNI/AMX: 7-bit weights avoid U8S8 saturation in the AVX2 multiply-add "
                       "(ONNX Runtime's guidance)")
     return False, "not an x86 CPU with AVX2 (no U8S8 saturation risk)"
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How an INT8 artefact is quantised, and whether its accuracy is judged on emulated numerics."""
+
+    name: str  # "u8s8" or "s8s8-symmetric"
+    activation_type: str  # "uint8" or "int8"
+    symmetric: bool
+    reduce_range: bool
+    reduce_range_reason: str
+    op_types: tuple[str, ...] | None  # None: every op ONNX Runtime's quantiser handles
+    emulated: bool
+
+    def describe(self, per_channel: bool) -> dict:
+        """The manifest's `quantization` entry of an artefact made with this scheme."""
+        return {"scheme": self.name, "activation_type": self.activation_type, "weight_type": "int8",
+                "per_channel": per_channel, "symmetric": self.symmetric, "reduce_range": self.reduce_range,
+                "reduce_range_reason": self.reduce_range_reason,
+                "op_types": list(self.op_types) if self.op_types else None,
+                "numerics": "emulated-float" if self.emulated else "onnxruntime-cpu-kernels"}
+
+
+TENSORRT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def cpu_scheme(reduce_range: bool, reason: str) -> QuantScheme:
+    """U8S8 for ONNX Runtime on CPUs, judged on its integer kernels."""
+    return QuantScheme("u8s8", "uint8", False, reduce_range, reason, None, emulated=False)
+
+
+def tensorrt_scheme() -> QuantScheme:
+    """Symmetric INT8 for TensorRT, judged on emulated (float) Q/DQ numerics."""
+    return QuantScheme("s8s8-symmetric", "int8", True, False,
+                       "TensorRT: 8-bit int8 x int8 products accumulate in int32 (no u8s8 saturation)",
+                       TENSORRT_OP_TYPES, emulated=True)
+
+
+def _scheme_options(scheme: QuantScheme) -> dict:
+    """quantize_static arguments of a scheme (onnxruntime.quantization, checked against 1.32's docstring)."""
+    from onnxruntime.quantization import QuantType
+
+    # ranges are collected one batch at a time, so memory stays bounded on big nets
+    extra: dict = {"CalibStridedMinMax": 1}
+    if scheme.symmetric:
+        # symmetric int8 -> zero point 0 and the narrow range [-127, 127] (quant_utils.ONNX_INT_TYPE_SYMMETRIC_RANGE)
+        extra.update(ActivationSymmetric=True, WeightSymmetric=True, QuantizeBias=False)
+    if scheme.op_types:
+        extra["OpTypesToExcludeOutputQuantization"] = list(scheme.op_types)
+    return {"activation_type": QuantType.QInt8 if scheme.activation_type == "int8" else QuantType.QUInt8,
+            "weight_type": QuantType.QInt8, "reduce_range": scheme.reduce_range,
+            "op_types_to_quantize": list(scheme.op_types) if scheme.op_types else None, "extra_options": extra}
 
 
 def calibration_method(name: str):
@@ -96,33 +159,31 @@ def preprocess_for_quantization(float_path: Path, out_path: Path) -> None:
 
 
 def quantize_qdq(prepared_path: Path, out_path: Path, *, calibration: np.ndarray, input_name: str, cfg: Int8Config,
-                 reduce_range: bool, nodes_to_exclude: Iterable[str] = (), calibration_cache: Path | None = None) -> None:
-    """Static INT8 quantisation to Q/DQ (U8S8); `calibration_cache` reuses ranges computed before."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+                 reduce_range: bool = False, scheme: QuantScheme | None = None, nodes_to_exclude: Iterable[str] = (),
+                 calibration_cache: Path | None = None) -> None:
+    """Static INT8 quantisation to Q/DQ with `scheme` (default: U8S8 with `reduce_range`);
+    `calibration_cache` reuses ranges computed before."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
+    scheme = scheme or cpu_scheme(reduce_range, "given")
     reuse = calibration_cache is not None and calibration_cache.exists()
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
         quantize_static(
             str(prepared_path), str(out_path),
             calibration_data_reader=None if reuse else _calibration_reader(calibration, input_name, cfg.calibration_batch_size),
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
             per_channel=cfg.per_channel,
-            reduce_range=reduce_range,
             nodes_to_exclude=list(nodes_to_exclude),
             calibrate_method=calibration_method(cfg.method),
             calibration_cache_path=str(calibration_cache) if calibration_cache else None,
-            # ranges are collected one batch at a time, so memory stays bounded on big nets
-            extra_options={"CalibStridedMinMax": 1},
+            **_scheme_options(scheme),
         )
 
 
 def top1(session, batches) -> float:
     """Top-1 accuracy (%) of an ONNX Runtime session over (images, labels) batches."""
-    name = session.get_inputs()[0].name
-    logits, targets = zip(*[(session.run(None, {name: images})[0], labels) for images, labels in batches])
-    return topk_accuracy(np.concatenate(logits), np.concatenate(targets), ks=(1,))["top1"]
+    logits, labels = labelled_logits(session_predict(session), batches)
+    return topk_accuracy(logits, labels, ks=(1,))["top1"]
 
 
 # ------------------------------------------------------------------ sensitivity
@@ -167,22 +228,23 @@ def _sqnr_db(signal: float, noise: float) -> float:
     return min(SQNR_CAP_DB, 10 * math.log10(max(signal, 1e-30) / noise))
 
 
-def node_sensitivity(prepared: onnx.ModelProto, qdq: onnx.ModelProto, images: np.ndarray, batch_size: int) -> list[dict]:
-    """Quantised nodes ranked by the SQNR their quantisation costs (worst first)."""
+def node_sensitivity(prepared: onnx.ModelProto, qdq: onnx.ModelProto, images: np.ndarray, batch_size: int,
+                     emulated: bool = False) -> list[dict]:
+    """Quantised nodes ranked by the SQNR their quantisation costs (worst first); `emulated` runs the
+    Q/DQ model in float (the numerics of the TensorRT artefact)."""
     float_names = {out for node in prepared.graph.node for out in node.output} | {i.name for i in prepared.graph.input}
     nodes = [n for n in quantized_nodes(qdq)
              if n.output in float_names and all(source in float_names for _, source in n.inputs)]
     # (name in the Q/DQ model, name of the float tensor it approximates)
     pairs = sorted({(n.output, n.output) for n in nodes} | {pair for n in nodes for pair in n.inputs})
     reference = ort_session(_with_outputs(prepared, {source for _, source in pairs}))
-    quantized = ort_session(_with_outputs(qdq, {name for name, _ in pairs}))
+    quantized = ort_session(_with_outputs(qdq, {name for name, _ in pairs}), emulated=emulated)
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
     input_name = reference.get_inputs()[0].name
-    for start in range(0, len(images), batch_size):
-        feed = {input_name: images[start:start + batch_size]}
-        ref_values = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, feed)))
-        q_values = dict(zip([o.name for o in quantized.get_outputs()], quantized.run(None, feed)))
+    for batch in chunks(images, batch_size):
+        ref_values = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, {input_name: batch})))
+        q_values = dict(zip([o.name for o in quantized.get_outputs()], quantized.run(None, {input_name: batch})))
         for pair in pairs:
             ref, got = ref_values[pair[1]].astype(np.float64), q_values[pair[0]].astype(np.float64)
             signal[pair] += float((ref ** 2).sum())
@@ -209,12 +271,16 @@ class Int8Result:
 
 
 def quantize_with_fallback(float_path: Path, out_path: Path, *, calibration: np.ndarray, validation, input_name: str,
-                           cfg: Int8Config, reduce_range: bool, float_top1: float | None = None) -> Int8Result:
-    """Quantise to Q/DQ, keeping the most sensitive nodes in float until top-1 is within `cfg.max_top1_drop`.
+                           cfg: Int8Config, reduce_range: bool = False, scheme: QuantScheme | None = None,
+                           float_top1: float | None = None) -> Int8Result:
+    """Quantise to Q/DQ with `scheme` (default U8S8 with `reduce_range`), keeping the most sensitive nodes
+    in float until top-1 is within `cfg.max_top1_drop`.
 
-    `validation` is a re-iterable of (images, labels) numpy batches. CheckFailed if the drop
+    `validation` is a re-iterable of (images, labels) numpy batches. Top-1 and sensitivity are measured
+    on the scheme's numerics (CPU integer kernels, or emulated Q/DQ for TensorRT). CheckFailed if the drop
     stays above tolerance once `cfg.fallback_budget` nodes are kept in float.
     """
+    scheme = scheme or cpu_scheme(reduce_range, "given")
     with tempfile.TemporaryDirectory(prefix="kdtool-int8-") as scratch:
         prepared_path, cache = Path(scratch) / "prepared.onnx", Path(scratch) / "calibration.json"
         preprocess_for_quantization(float_path, prepared_path)
@@ -224,13 +290,14 @@ def quantize_with_fallback(float_path: Path, out_path: Path, *, calibration: np.
         result = Int8Result(float_top1=float_top1, int8_top1=float("nan"))
         while True:
             quantize_qdq(prepared_path, out_path, calibration=calibration, input_name=input_name, cfg=cfg,
-                         reduce_range=reduce_range, nodes_to_exclude=result.kept_in_float, calibration_cache=cache)
-            result.int8_top1 = top1(ort_session(out_path), validation)
+                         scheme=scheme, nodes_to_exclude=result.kept_in_float, calibration_cache=cache)
+            result.int8_top1 = top1(ort_session(out_path, emulated=scheme.emulated), validation)
             result.steps.append({"kept_in_float": list(result.kept_in_float), "top1": round(result.int8_top1, 4),
                                  "top1_drop": round(result.top1_drop, 4)})
             if result.top1_drop <= cfg.max_top1_drop or len(result.kept_in_float) >= cfg.fallback_budget:
                 break
-            ranking = node_sensitivity(prepared, onnx.load(str(out_path)), calibration, cfg.calibration_batch_size)
+            ranking = node_sensitivity(prepared, onnx.load(str(out_path)), calibration, cfg.calibration_batch_size,
+                                       emulated=scheme.emulated)
             candidates = [entry["node"] for entry in ranking if entry["node"] not in result.kept_in_float]
             if not candidates:
                 break
@@ -239,8 +306,8 @@ def quantize_with_fallback(float_path: Path, out_path: Path, *, calibration: np.
             result.kept_in_float.append(candidates[0])
     if result.top1_drop > cfg.max_top1_drop:
         raise CheckFailed(
-            f"INT8 top-1 {result.int8_top1:.2f}% is {result.top1_drop:.2f} points below the float model "
-            f"({result.float_top1:.2f}%), more than export.int8.max_top1_drop={cfg.max_top1_drop:g}, with "
+            f"INT8 ({scheme.name}) top-1 {result.int8_top1:.2f}% is {result.top1_drop:.2f} points below the float "
+            f"model ({result.float_top1:.2f}%), more than export.int8.max_top1_drop={cfg.max_top1_drop:g}, with "
             f"{len(result.kept_in_float)} node(s) kept in float (export.int8.fallback_budget={cfg.fallback_budget})"
         )
     return result
