@@ -88,13 +88,15 @@ def parse_seed(text: str | None) -> int | None:
     """The --seed option as an int, or a one-line KdtoolError (Click's own type error is a usage block)."""
     if text is None:
         return None
+    shown = text if len(text) <= 40 else text[:37] + "..."
     try:
         seed = int(text, 10)
     except ValueError:
-        seed = -1
-    if not 0 <= seed <= MAX_SEED:
-        shown = text if len(text) <= 40 else text[:37] + "..."
-        raise KdtoolError(f"--seed: expected a whole number from 0 to {MAX_SEED}, got {shown!r}")
+        raise KdtoolError(f"--seed: {shown!r} is not a valid integer (0 to {MAX_SEED})") from None
+    if seed < 0:
+        raise KdtoolError(f"--seed: input should be greater than or equal to 0 (got {shown})")
+    if seed > MAX_SEED:
+        raise KdtoolError(f"--seed: input should be less than or equal to {MAX_SEED} (got {shown})")
     return seed
 
 
