@@ -28,8 +28,9 @@ def accuracy_row(artefact: str, precision: str, runtime: str, logits, targets, t
     }
 
 
-def teacher_row(runtime: str, teacher_logits, targets) -> dict:
-    return {"artefact": "teacher", "precision": "fp32", "runtime": runtime, **classification_metrics(teacher_logits, targets)}
+def reference_row(name: str, runtime: str, logits, targets) -> dict:
+    """The row of the teacher or the float student (their logits as computed at export, or by the run)."""
+    return {"artefact": name, "precision": "fp32", "runtime": runtime, **classification_metrics(logits, targets)}
 
 
 def gate_failures(rows: list[dict], gate: GateConfig, gated_artefacts: set[str]) -> list[dict]:

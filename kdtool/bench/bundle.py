@@ -1,16 +1,15 @@
-"""Reading a deploy bundle: its manifest, its artefacts, and the training run it came from."""
+"""Reading a deploy bundle for bench: its validated manifest, its checked artefacts and its recipe."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
+from kdtool.bundle import RECIPE_FILE, Manifest, bundle_file, check_file, read_manifest
 from kdtool.errors import KdtoolError
-from kdtool.export import MANIFEST_FILE, read_manifest
-from kdtool.io import sha256_file
-
-ARTEFACT_KINDS = ("onnx", "tensorrt")
+from kdtool.recipe import Recipe, load_recipe
 
 
 @dataclass(frozen=True)
@@ -20,77 +19,52 @@ class Artefact:
     key: str
     precision: str
     kind: str
-    path: Path | None = None
-    model: nn.Module | None = None
+    path: Optional[Path] = None
+    model: Optional[nn.Module] = None
+    target: str = "pytorch"
+    engine: Optional[dict] = None  # TensorRT engines: what they were built for (checked before deserialising)
+    unverified: Optional[str] = None  # export's reason when it could not check the artefact on ONNX Runtime (CPU)
 
 
 @dataclass(frozen=True)
 class Bundle:
     directory: Path
-    manifest: dict
+    manifest: Manifest
     artefacts: tuple[Artefact, ...]
-    input_name: str
-    output_name: str
-    run_dir: Path
+    recipe: Recipe
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest.input.name
+
+    @property
+    def output_name(self) -> str:
+        return self.manifest.output.name
 
 
-def find_latest_bundle(root: Path = Path("export")) -> Path:
-    """The most recently written bundle (a directory holding manifest.json) under `root`."""
-    root = Path(root)
-    manifests = sorted(root.glob(f"*/{MANIFEST_FILE}"), key=lambda path: path.stat().st_mtime) if root.is_dir() else []
-    if not manifests:
-        raise KdtoolError(f"no bundle (a directory with {MANIFEST_FILE}) under {root}/; run `kdtool export` first")
-    return manifests[-1].parent
+def _artefacts(bundle_dir: Path, manifest: Manifest) -> tuple[Artefact, ...]:
+    artefacts = []
+    for key, entry in manifest.artefacts.items():
+        path = check_file(bundle_dir, entry, f"artefact {key!r}")
+        unverified = entry.verification if isinstance(entry.verification, str) else None
+        artefacts.append(Artefact(key, entry.precision, entry.kind, path, target=entry.target,
+                                  engine=entry.engine.model_dump() if entry.engine else None, unverified=unverified))
+    return tuple(artefacts)
 
 
-def _require(manifest: dict, keys: tuple[str, ...], source: Path):
-    node = manifest
-    for depth, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-            raise KdtoolError(f"{source}: missing key {'.'.join(keys[:depth + 1])}")
-        node = node[key]
-    return node
-
-
-def _check_content(key: str, path: Path, entry: dict, source: Path) -> None:
-    """KdtoolError when an artefact's size or sha256 differs from its manifest entry (truncated or replaced)."""
-    if "size_bytes" in entry and path.stat().st_size != entry["size_bytes"]:
-        raise KdtoolError(f"artefact {key!r} {path} is {path.stat().st_size} bytes, {source} says {entry['size_bytes']} "
-                          f"(truncated or replaced; export the bundle again)")
-    if "sha256" in entry and sha256_file(path) != entry["sha256"]:
-        raise KdtoolError(f"artefact {key!r} {path} does not match the sha256 in {source} (replaced? export the bundle again)")
+def bundle_recipe(bundle_dir: Path, manifest: Manifest) -> Recipe:
+    """The bundle's recipe.yaml (bench settings and gate), refused when it differs from the one exported."""
+    path = bundle_file(bundle_dir, RECIPE_FILE, "bundle recipe")
+    if not path.is_file():
+        raise KdtoolError(f"{path}: the bundle's resolved recipe is missing")
+    recipe = load_recipe(path)
+    if recipe.digest() != manifest.provenance.recipe_sha256:
+        raise KdtoolError(f"{path} does not match provenance.recipe_sha256 in the manifest (edited? export again)")
+    return recipe
 
 
 def load_bundle(bundle_dir: Path) -> Bundle:
-    """Validate a bundle: manifest keys, every listed artefact present, the training run present."""
+    """Validate a bundle: the manifest through its schema, every artefact's size and sha256, the recipe."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    source = bundle_dir / MANIFEST_FILE
-    listed = _require(manifest, ("artefacts",), source)
-    if not isinstance(listed, dict) or not listed:
-        raise KdtoolError(f"{source}: artefacts must be a non-empty mapping")
-    artefacts = []
-    for key, entry in listed.items():
-        file, precision, kind = (_require(manifest, ("artefacts", key, field), source) for field in ("file", "precision", "kind"))
-        if kind not in ARTEFACT_KINDS:
-            raise KdtoolError(f"{source}: artefacts.{key}.kind must be one of {', '.join(ARTEFACT_KINDS)}, got {kind!r}")
-        path = bundle_dir / file
-        if not path.is_file():
-            raise KdtoolError(f"artefact {key!r} listed in {source} is missing: {path}")
-        _check_content(key, path, listed[key], source)
-        artefacts.append(Artefact(key, precision, kind, path))
-    for keys in (("preprocessing", "image_size"), ("preprocessing", "mean"), ("preprocessing", "std")):
-        _require(manifest, keys, source)
-    if not (bundle_dir / "recipe.yaml").is_file():
-        raise KdtoolError(f"{bundle_dir / 'recipe.yaml'}: the bundle's resolved recipe is missing")
-    run_dir = Path(_require(manifest, ("provenance", "run_dir"), source))
-    if not run_dir.is_dir():
-        raise KdtoolError(f"{source}: provenance.run_dir {run_dir} not found (the training run is needed for the teacher and float student)")
-    return Bundle(
-        directory=bundle_dir,
-        manifest=manifest,
-        artefacts=tuple(artefacts),
-        input_name=_require(manifest, ("input", "name"), source),
-        output_name=_require(manifest, ("output", "name"), source),
-        run_dir=run_dir,
-    )
+    return Bundle(bundle_dir, manifest, _artefacts(bundle_dir, manifest), bundle_recipe(bundle_dir, manifest))

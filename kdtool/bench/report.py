@@ -58,34 +58,49 @@ def environment() -> dict:
     }
 
 
-def build_report(bundle, recipe, settings, data_cfg, images: int, runtimes: list[dict], timing: list[dict],
-                 accuracy: list[dict], skipped: list[dict], failures: list[dict]) -> dict:
+def build_report(bundle, settings, eval_set, runtimes: list[dict], timing: list[dict], accuracy: list[dict],
+                 outcome, failures: list[dict], not_checked: dict[str, str]) -> dict:
     """The report as plain data (what report.json holds)."""
     env = environment()
+    checked = sorted({row["artefact"] for row in accuracy} & {a.key for a in bundle.artefacts})
     return {
         "schema": SCHEMA,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": env["host"],
         "bundle": str(bundle.directory),
-        "recipe": recipe.name,
+        "recipe": bundle.recipe.name,
         "environment": env,
         "settings": {
             "batch_sizes": list(settings.batch_sizes), "warmup": settings.warmup, "iters": settings.iters,
             "duration_s": settings.duration, "threads": settings.threads,
             "include_copies": settings.include_copies, "cuda_graphs": settings.cuda_graphs,
-            "data": {"name": data_cfg.name, "root": data_cfg.root, "split": "val", "images": images},
+            "data": {"source": eval_set.source, "description": eval_set.description, "images": len(eval_set.labels)},
         },
         "runtimes": runtimes,
         "timing": timing,
         "accuracy": accuracy,
-        "skipped": skipped,
+        "skipped": outcome.skipped,
+        "failed": outcome.failed,
         "gate": {
-            "passed": not failures,
-            "max_top1_drop": dict(recipe.bench.gate.max_top1_drop),
-            "min_teacher_agreement_pct": recipe.bench.gate.min_teacher_agreement,
+            "passed": (not failures and not outcome.failed) if checked else None,
+            "checked": checked,
+            "not_checked": not_checked,
+            "max_top1_drop": dict(bundle.recipe.bench.gate.max_top1_drop),
+            "min_teacher_agreement_pct": bundle.recipe.bench.gate.min_teacher_agreement,
             "failures": failures,
         },
     }
+
+
+def gate_verdict(gate: dict) -> str:
+    """'passed for ...', 'FAILED', or 'not applied' when nothing could be checked here; names what was not checked."""
+    if gate["passed"] is None:
+        verdict = "gate not applied: no artefact could be checked here"
+    else:
+        verdict = f"gate {'passed' if gate['passed'] else 'FAILED'} for {', '.join(gate['checked'])}"
+    if gate["not_checked"]:
+        verdict += "; not checked here: " + "; ".join(f"{key} ({why})" for key, why in gate["not_checked"].items())
+    return verdict
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -124,7 +139,7 @@ def render_markdown(report: dict) -> str:
         f"Measured {report['timestamp']} on `{report['host']}`: CPU {env['cpu']['model']} "
         f"({env['cpu']['usable_cores']} usable of {env['cpu']['logical_cores']} cores), GPU {gpu}. "
         f"{amount} per case after {settings['warmup']} warm-up, {settings['threads']} threads, "
-        f"accuracy on {settings['data']['images']} {settings['data']['name']} validation images.",
+        f"accuracy on {settings['data']['description']}.",
         "## Versions",
         _markdown_table(("package", "version"), [(k, v) for k, v in env["versions"].items() if v]),
         "## Timing",
@@ -133,7 +148,7 @@ def render_markdown(report: dict) -> str:
         "Top-1/top-5 and agreement in %, drop in points vs the float student (PyTorch), KL = mean KL(teacher || model).",
         _markdown_table(ACCURACY_COLUMNS, _accuracy_cells(report)),
         "## Gate",
-        f"**{'passed' if gate['passed'] else 'FAILED'}**: max top-1 drop per precision "
+        f"**{gate_verdict(gate)}**. Limits: max top-1 drop per precision "
         f"{gate['max_top1_drop']}, min agreement with the teacher {gate['min_teacher_agreement_pct']:g} %.",
     ]
     if gate["failures"]:
@@ -143,6 +158,10 @@ def render_markdown(report: dict) -> str:
     parts += ["## Runtimes",
               _markdown_table(("runtime", "available", "reason"),
                               [(r["name"], "yes" if r["available"] else "no", r["reason"] or "") for r in report["runtimes"]])]
+    if report["failed"]:
+        parts += ["## Failed (could not run on a runtime that serves them)",
+                  _markdown_table(("artefact", "runtime", "stage", "reason"),
+                                  [(f["artefact"], f["runtime"], f["stage"], f["reason"]) for f in report["failed"]])]
     if report["skipped"]:
         parts += ["## Skipped",
                   _markdown_table(("artefact", "runtime", "batch", "reason"),
@@ -218,6 +237,8 @@ def print_report(report: dict, console=None) -> None:
     for runtime in report["runtimes"]:
         if not runtime["available"]:
             console.print(f"[dim]skipped {runtime['name']}: {escape(runtime['reason'])}[/dim]")
-    verdict = "[green]gate passed[/green]" if report["gate"]["passed"] else "[red]gate FAILED[/red]"
-    console.print(f"{verdict}; report written to {escape(report['bundle'])}/report.{{json,md,png}} "
+    gate = report["gate"]
+    colour = {True: "green", False: "red", None: "yellow"}[gate["passed"] if not report["failed"] else False]
+    console.print(f"[{colour}]{escape(gate_verdict(gate))}[/{colour}] ({report['settings']['data']['description']})")
+    console.print(f"report written to {escape(report['bundle'])}/report.{{json,md,png}} "
                   f"({report['timestamp']}, {report['host']})")

@@ -1,25 +1,42 @@
-"""`run_bench`: time every artefact on every available runtime, measure accuracy, apply the gate, report."""
+"""`run_bench`: time every artefact on every available runtime, measure accuracy, apply the gate, report.
+
+Accuracy rests, by default, on the bundle's own reference set (validation images, labels, teacher and
+float-student logits saved at export), so a bundle copied to another machine benches without its run.
+With `data` (a dataset root) and the training run present, the whole validation set is used instead.
+Every artefact goes through one batched runner (`kdtool.export.runner.batched_logits`).
+
+An artefact/runtime pair is skipped only when the runtime is not available here, or, for the FP16 ONNX on
+ONNX Runtime's CPU provider, when export already found that provider cannot run it; anything else that
+stops a case is a failure (exit 1, after the report is written). The gate names what it checked and
+what it could not check here; it never passes over an artefact it did not check.
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from kdtool.bench.accuracy import GateFailed, accuracy_row, format_failures, gate_failures, teacher_row
+from kdtool.bench.accuracy import GateFailed, accuracy_row, format_failures, gate_failures, reference_row
 from kdtool.bench.bundle import Artefact, Bundle, load_bundle
 from kdtool.bench.report import build_report, write_report
-from kdtool.bench.runtimes import RUNTIMES, Runner, RunnerOptions, Runtime
+from kdtool.bench.runtimes import RUNTIMES, RunnerOptions, Runtime
 from kdtool.bench.timing import latency_stats, measure
-from kdtool.data import DataInfo, build_datasets, build_loader, normalize
+from kdtool.bundle import bundle_lock, read_reference
+from kdtool.data import DataInfo, build_datasets, build_loader
 from kdtool.errors import KdtoolError
-from kdtool.recipe import BenchConfig, Recipe, load_recipe
-from kdtool.rundir import load_student, load_teacher
+from kdtool.evaluate import predict
+from kdtool.export.images import preprocess
+from kdtool.export.runner import batched_logits
+from kdtool.recipe import BenchConfig
+from kdtool.rundir import RECIPE_FILE, load_student, load_teacher
 
 ROTATING_BATCHES = 8  # distinct real batches cycled through while timing, so no single input is cached hot
+EVAL_BATCH = 64  # images per accuracy batch fed to a runner (a runner with a smaller maximum takes fewer)
 
 
 @dataclass(frozen=True)
@@ -74,34 +91,116 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _data_info(bundle: Bundle, info: DataInfo, image_size: int) -> DataInfo:
-    """The dataset's info with the bundle's preprocessing, which is what a deployment would apply."""
-    pre = bundle.manifest["preprocessing"]
-    if int(pre["image_size"]) != image_size:
-        raise KdtoolError(f"{bundle.directory / 'manifest.json'}: preprocessing.image_size {pre['image_size']} "
-                          f"differs from the recipe's data.image_size {image_size}")
-    return dataclasses.replace(info, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+# ------------------------------------------------------------------ what accuracy rests on
+@dataclass
+class EvalSet:
+    """Images (as re-iterable preprocessed batches), labels, and the teacher's and float student's logits."""
+
+    description: str
+    source: str  # "reference" (the bundle's) or "validation" (the run's whole validation set)
+    labels: np.ndarray
+    teacher_logits: np.ndarray
+    student_logits: np.ndarray
+    batches: Callable[[], Iterator[np.ndarray]]
+    student: torch.nn.Module | None = None  # the float student, when the run is present
+    reference_runtime: str = "reference"
+
+    def timing_pool(self, size: int) -> np.ndarray:
+        pool, total = [], 0
+        for batch in self.batches():
+            pool.append(batch)
+            total += len(batch)
+            if total >= size:
+                break
+        return np.concatenate(pool)[:size]
 
 
-def _open_runners(artefacts: list[Artefact], runtimes: list[Runtime], options: RunnerOptions, skipped: list[dict]):
-    """(artefact, runtime, runner) for every artefact on every available runtime of its kind that opens it."""
-    opened = []
-    for runtime in runtimes:
-        for artefact in artefacts:
-            if artefact.kind != runtime.artefact_kind:
-                continue
-            try:
-                opened.append((artefact, runtime, runtime.open(artefact, options)))
-            except KdtoolError:
-                raise
-            except Exception as exc:  # a runtime that cannot run this artefact (unsupported op, dtype...) is a finding
-                skipped.append({"artefact": artefact.key, "runtime": runtime.name, "reason": _first_line(exc)})
-    return opened
+def reference_eval_set(bundle: Bundle) -> EvalSet:
+    """The bundle's reference set: what it was exported with, no run and no dataset needed."""
+    reference = read_reference(bundle.directory, bundle.manifest)
+    pre, n = bundle.manifest.preprocessing, len(reference.labels)
+    return EvalSet(reference.description, "reference", reference.labels, reference.teacher_logits,
+                   reference.student_logits,
+                   lambda: (reference.preprocessed(start, start + EVAL_BATCH, pre) for start in range(0, n, EVAL_BATCH)),
+                   reference_runtime="pytorch@export")
 
 
-def _predict(runner: Runner, batch: np.ndarray) -> np.ndarray:
-    step = runner.max_batch or len(batch)
-    return np.concatenate([runner.predict(batch[start:start + step]) for start in range(0, len(batch), step)])
+def run_eval_set(bundle: Bundle, data_root: str, device: torch.device) -> EvalSet:
+    """The whole validation set under `data_root`, with the teacher and student of the run the bundle names."""
+    run_dir = Path(bundle.manifest.provenance.run_dir)
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise KdtoolError(f"--data needs the training run for the teacher and float student: provenance.run_dir "
+                          f"{run_dir} is not here (without --data, bench uses the bundle's reference set)")
+    recipe = bundle.recipe
+    data_cfg = recipe.data.model_copy(update={"root": str(data_root)})
+    datasets = build_datasets(data_cfg)
+    pre = bundle.manifest.preprocessing
+    if datasets.info.image_size != pre.image_size or datasets.info.num_classes != bundle.manifest.model.num_classes:
+        raise KdtoolError(f"--data {data_root}: {datasets.info.num_classes} classes at {datasets.info.image_size} px, "
+                          f"the bundle expects {bundle.manifest.model.num_classes} at {pre.image_size}")
+    info: DataInfo = dataclasses.replace(datasets.info, mean=tuple(pre.mean), std=tuple(pre.std))
+    loader = build_loader(datasets.val, data_cfg, train=False)
+    teacher = load_teacher(run_dir, recipe, info.num_classes).to(device)
+    student = load_student(run_dir, recipe, info.num_classes)
+    teacher_logits, labels = predict(teacher, loader, info, device=device)
+    student_logits, _ = predict(student, loader, info)
+    return EvalSet(f"the validation set under {data_root}: {len(labels)} images", "validation", labels.numpy(),
+                   teacher_logits.numpy(), student_logits.numpy(),
+                   lambda: (preprocess(images, info) for images, _ in loader), student=student,
+                   reference_runtime=f"pytorch-{device.type}")
+
+
+# ------------------------------------------------------------------ running the cases
+@dataclass
+class Outcome:
+    """What happened to every artefact/runtime pair."""
+
+    cases: list = dataclasses.field(default_factory=list)  # (artefact, runtime, runner) that opened
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # not available here: not a failure
+    failed: list[dict] = dataclasses.field(default_factory=list)  # could not run: a failure
+
+    def fail(self, artefact: Artefact, runtime: Runtime, exc: Exception, **where) -> None:
+        self.failed.append({"artefact": artefact.key, "runtime": runtime.name, **where, "reason": _first_line(exc)})
+
+
+def _runtime_status() -> list[dict]:
+    return [{"name": runtime.name, "available": (reason := runtime.unavailable_reason()) is None, "reason": reason}
+            for runtime in RUNTIMES.values()]
+
+
+def _open_cases(artefacts: list[Artefact], runtimes: list[dict], options: RunnerOptions, outcome: Outcome) -> None:
+    """Open every artefact on every runtime that serves its target; skip only what is not installed here."""
+    for status in runtimes:
+        runtime = RUNTIMES[status["name"]]
+        for artefact in (a for a in artefacts if runtime.runs(a)):
+            if not status["available"]:
+                outcome.skipped.append({"artefact": artefact.key, "runtime": runtime.name, "reason": status["reason"]})
+            elif artefact.unverified and runtime.name == "ort-cpu":
+                outcome.skipped.append({"artefact": artefact.key, "runtime": runtime.name,
+                                        "reason": f"export found: {artefact.unverified}"})
+            else:
+                try:
+                    outcome.cases.append((artefact, runtime, runtime.open(artefact, options)))
+                except KdtoolError:
+                    raise  # the bundle does not fit its manifest (names, shapes, engine target): exit 2
+                except Exception as exc:  # noqa: BLE001  a runtime that cannot load an artefact it serves
+                    outcome.fail(artefact, runtime, exc, stage="open")
+
+
+def _accuracy(eval_set: EvalSet, outcome: Outcome) -> list[dict]:
+    rows = [reference_row("teacher", eval_set.reference_runtime, eval_set.teacher_logits, eval_set.labels),
+            reference_row("student", eval_set.reference_runtime, eval_set.student_logits, eval_set.labels)]
+    for case in list(outcome.cases):
+        artefact, runtime, runner = case
+        try:
+            logits = batched_logits(runner.predict, eval_set.batches(), runner.max_batch)
+        except Exception as exc:  # noqa: BLE001  recorded as a failure, the report still written
+            outcome.fail(artefact, runtime, exc, stage="accuracy")
+            outcome.cases.remove(case)
+            continue
+        rows.append(accuracy_row(artefact.key, artefact.precision, runtime.name, logits, eval_set.labels,
+                                 eval_set.teacher_logits, eval_set.student_logits))
+    return rows
 
 
 def _rotating_batches(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -109,64 +208,25 @@ def _rotating_batches(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [pool[np.arange(i * batch_size, (i + 1) * batch_size) % len(pool)] for i in range(count)]
 
 
-@dataclass
-class Predictions:
-    """One pass over the validation set: labels, teacher logits, each runner's logits, and timing inputs."""
-
-    targets: np.ndarray
-    teacher: np.ndarray
-    by_case: dict[tuple[str, str], np.ndarray]
-    timing_pool: np.ndarray
-
-
-def _predict_all(loader, info: DataInfo, teacher: torch.nn.Module, device: torch.device, runners: list,
-                 pool_size: int, skipped: list[dict], bar) -> Predictions:
-    """Feed every validation batch to the teacher and every runner; a runner that fails is dropped into `skipped`."""
-    pool, targets, teacher_logits = [], [], []
-    logits: dict[tuple[str, str], list[np.ndarray]] = {(a.key, rt.name): [] for a, rt, _ in runners}
-    task = bar.add_task("accuracy", total=len(loader))
-    for images, labels in loader:
-        batch = normalize(images, info)
-        with torch.inference_mode():
-            teacher_logits.append(teacher(batch.to(device)).float().cpu().numpy())
-        batch = batch.numpy()
-        targets.append(labels.numpy())
-        if sum(len(p) for p in pool) < pool_size:
-            pool.append(batch)
-        for case in list(runners):
-            artefact, runtime, runner = case
-            try:
-                logits[artefact.key, runtime.name].append(_predict(runner, batch))
-            except Exception as exc:  # a finding, as in _open_runners
-                skipped.append({"artefact": artefact.key, "runtime": runtime.name, "reason": _first_line(exc)})
-                runners.remove(case)
-                del logits[artefact.key, runtime.name]
-        bar.advance(task)
-    if not targets:
-        raise KdtoolError("the validation set is empty")
-    return Predictions(np.concatenate(targets), np.concatenate(teacher_logits),
-                       {key: np.concatenate(parts) for key, parts in logits.items()}, np.concatenate(pool)[:pool_size])
-
-
-def _time_all(runners: list, settings: BenchSettings, pool: np.ndarray, skipped: list[dict], bar) -> list[dict]:
-    """Latency statistics of every runner at every batch size, on rotating real inputs staged beforehand."""
+def _time_all(outcome: Outcome, settings: BenchSettings, pool: np.ndarray, bar) -> list[dict]:
+    """Latency statistics of every timed case at every batch size, on rotating real inputs staged beforehand."""
+    timed = [case for case in outcome.cases if case[1].timed]
     timing = []
-    task = bar.add_task("timing", total=len(runners) * len(settings.batch_sizes))
-    for artefact, runtime, runner in runners:
+    task = bar.add_task("timing", total=len(timed) * len(settings.batch_sizes))
+    for artefact, runtime, runner in timed:
         for size in settings.batch_sizes:
             bar.update(task, description=f"timing {artefact.key} on {runtime.name}, batch {size}")
             bar.advance(task)
             if runner.max_batch is not None and size > runner.max_batch:
-                skipped.append({"artefact": artefact.key, "runtime": runtime.name, "batch_size": size,
-                                "reason": f"batch {size} above the engine's maximum {runner.max_batch}"})
+                outcome.skipped.append({"artefact": artefact.key, "runtime": runtime.name, "batch_size": size,
+                                        "reason": f"batch {size} above the engine's maximum {runner.max_batch}"})
                 continue
             try:
                 staged = [runner.stage(batch) for batch in _rotating_batches(pool, size)]
                 durations = measure(runner.run, staged, warmup=settings.warmup, iters=settings.iters,
                                     duration=settings.duration)
-            except Exception as exc:  # a finding, as in _open_runners
-                skipped.append({"artefact": artefact.key, "runtime": runtime.name, "batch_size": size,
-                                "reason": _first_line(exc)})
+            except Exception as exc:  # noqa: BLE001  a failure, reported
+                outcome.fail(artefact, runtime, exc, stage="timing", batch_size=size)
                 continue
             timing.append({
                 "artefact": artefact.key, "precision": artefact.precision, "runtime": runtime.name,
@@ -178,60 +238,61 @@ def _time_all(runners: list, settings: BenchSettings, pool: np.ndarray, skipped:
     return timing
 
 
-def _runtime_status() -> list[dict]:
-    status = []
-    for runtime in RUNTIMES.values():
-        reason = runtime.unavailable_reason()
-        status.append({"name": runtime.name, "available": reason is None, "reason": reason})
-    return status
+def not_checked(bundle: Bundle, accuracy: list[dict], outcome: Outcome) -> dict[str, str]:
+    """Artefacts of the bundle with no accuracy row here, and why."""
+    checked = {row["artefact"] for row in accuracy}
+    reasons = {}
+    for artefact in bundle.artefacts:
+        if artefact.key not in checked:
+            why = [f"{s['runtime']}: {s['reason']}" for s in outcome.skipped + outcome.failed if s["artefact"] == artefact.key]
+            reasons[artefact.key] = "; ".join(why) or "no runtime here serves its target"
+    return reasons
 
 
 def run_bench(bundle_dir: Path, *, batch_sizes: list[int] | None = None, iters: int | None = None,
               duration: float | None = None, threads: int | None = None, data: str | None = None,
               include_copies: bool | None = None, cuda_graphs: bool | None = None, progress: bool = True) -> dict:
     """Benchmark the bundle in `bundle_dir`: latency/throughput and accuracy of every artefact on every
-    available runtime, the recipe's accuracy gate, and report.{json,md,png} written into the bundle.
+    available runtime that serves its target, the recipe's accuracy gate, and report.{json,md,png}
+    written into the bundle. Accuracy rests on the bundle's reference set, or with `data` (a dataset root)
+    on that whole validation set, which needs the training run.
 
-    Arguments left as None come from the bundle recipe's `bench` section (`data` replaces `data.root`).
-    Returns the report; raises `GateFailed` (a `CheckFailed`, exit 1) after writing it when the gate fails.
+    Returns the report; raises `GateFailed` (exit 1, after writing the report) when the gate fails or an
+    artefact could not run on a runtime that serves it.
     """
-    from rich.progress import Progress
-
-    bundle = load_bundle(Path(bundle_dir))
-    recipe: Recipe = load_recipe(bundle.directory / "recipe.yaml")
-    data_cfg = recipe.data.model_copy(update={"root": str(data)}) if data is not None else recipe.data
-    settings = resolve_settings(recipe.bench, batch_sizes=batch_sizes, iters=iters, duration=duration, threads=threads,
-                                include_copies=include_copies, cuda_graphs=cuda_graphs)
-    datasets = build_datasets(data_cfg)
-    info = _data_info(bundle, datasets.info, data_cfg.image_size)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runtimes = _runtime_status()
-    skipped: list[dict] = []
-
-    with torch_threads(settings.threads), Progress(disable=not progress, transient=True) as bar:
-        teacher = load_teacher(bundle.run_dir, recipe, info.num_classes).to(device)
-        student = load_student(bundle.run_dir, recipe, info.num_classes)
-        artefacts = [Artefact("student", "fp32", "pytorch", model=student), *bundle.artefacts]
-        for status in runtimes:
-            if not status["available"]:
-                skipped += [{"artefact": a.key, "runtime": status["name"], "reason": status["reason"]}
-                            for a in artefacts if a.kind == RUNTIMES[status["name"]].artefact_kind]
-        options = RunnerOptions(bundle.input_name, bundle.output_name, settings.threads,
-                                settings.include_copies, settings.cuda_graphs)
-        available = [RUNTIMES[status["name"]] for status in runtimes if status["available"]]
-        runners = _open_runners(artefacts, available, options, skipped)
-        predictions = _predict_all(build_loader(datasets.val, data_cfg, train=False), info, teacher, device, runners,
-                                   ROTATING_BATCHES * max(settings.batch_sizes), skipped, bar)
-        timing = _time_all(runners, settings, predictions.timing_pool, skipped, bar)
-
-    student_logits = predictions.by_case["student", "pytorch-cpu"]
-    accuracy = [teacher_row(f"pytorch-{device.type}", predictions.teacher, predictions.targets)]
-    accuracy += [accuracy_row(a.key, a.precision, rt.name, predictions.by_case[a.key, rt.name], predictions.targets,
-                              predictions.teacher, student_logits) for a, rt, _ in runners]
-    failures = gate_failures(accuracy, recipe.bench.gate, {a.key for a in bundle.artefacts})
-    report = build_report(bundle, recipe, settings, data_cfg, len(predictions.targets), runtimes, timing, accuracy,
-                          skipped, failures)
-    write_report(bundle.directory, report)
+    with bundle_lock(Path(bundle_dir)):
+        bundle = load_bundle(Path(bundle_dir))
+        settings = resolve_settings(bundle.recipe.bench, batch_sizes=batch_sizes, iters=iters, duration=duration,
+                                    threads=threads, include_copies=include_copies, cuda_graphs=cuda_graphs)
+        report, failures, outcome = _bench(bundle, settings, data, progress)
+        write_report(bundle.directory, report)
+    if outcome.failed:
+        cases = "; ".join(f"{f['artefact']} on {f['runtime']} ({f['stage']}): {f['reason']}" for f in outcome.failed)
+        raise GateFailed(f"{len(outcome.failed)} case(s) could not run, so the gate cannot pass: {cases}", report)
     if failures:
         raise GateFailed(format_failures(failures), report)
     return report
+
+
+def _bench(bundle: Bundle, settings: BenchSettings, data: str | None, progress: bool):
+    from rich.progress import Progress
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runtimes = _runtime_status()
+    outcome = Outcome()
+    manifest = bundle.manifest
+    options = RunnerOptions(bundle.input_name, bundle.output_name, settings.threads, settings.include_copies,
+                            settings.cuda_graphs, tuple(manifest.input.shape[1:]), manifest.model.num_classes)
+    with torch_threads(settings.threads), Progress(disable=not progress, transient=True) as bar:
+        eval_set = run_eval_set(bundle, data, device) if data is not None else reference_eval_set(bundle)
+        artefacts = list(bundle.artefacts)
+        if eval_set.student is not None:
+            artefacts.insert(0, Artefact("student", "fp32", "pytorch", model=eval_set.student))
+        _open_cases(artefacts, runtimes, options, outcome)
+        accuracy = _accuracy(eval_set, outcome)
+        pool = eval_set.timing_pool(ROTATING_BATCHES * max(settings.batch_sizes))
+        timing = _time_all(outcome, settings, pool, bar)
+    unchecked = not_checked(bundle, accuracy, outcome)
+    failures = gate_failures(accuracy, bundle.recipe.bench.gate, {a.key for a in bundle.artefacts})
+    report = build_report(bundle, settings, eval_set, runtimes, timing, accuracy, outcome, failures, unchecked)
+    return report, failures, outcome

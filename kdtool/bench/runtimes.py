@@ -4,7 +4,10 @@ here and, when not, why.
 A runtime opens an artefact as a `Runner`: `stage` prepares one input batch before timing (on the
 device when host-device copies are excluded), `run` is one timed, synchronous inference on a staged
 batch, `predict` returns float32 logits for accuracy. onnx artefacts run on ONNX Runtime providers,
-tensorrt engines on native TensorRT, the float student on PyTorch.
+tensorrt engines on native TensorRT, the float student on PyTorch. Each runtime runs the artefacts
+whose target (the manifest's `target`) it serves: the TensorRT INT8 ONNX runs on ONNX Runtime's
+TensorRT provider, and on `ort-emulated` (its Q/DQ graph in float, accuracy only: what TensorRT
+computes), never on the CPU integer kernels it was not made for.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 
 from kdtool.bench.bundle import Artefact
 from kdtool.errors import KdtoolError, Registry
+from kdtool.export.runner import ort_session
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class RunnerOptions:
     threads: int
     include_copies: bool
     cuda_graphs: bool
+    input_shape: tuple[int, int, int] | None = None  # (3, H, W) the manifest says; checked when a runner opens
+    num_classes: int | None = None
 
 
 class Runner(Protocol):
@@ -45,6 +51,27 @@ class Runtime:
     uses_gpu: bool
     unavailable_reason: Callable[[], str | None]
     open: Callable[[Artefact, RunnerOptions], Runner]
+    targets: frozenset[str] = frozenset({"pytorch"})  # the artefact targets it runs
+    timed: bool = True  # False: accuracy only (emulation is not a deployment)
+
+    def runs(self, artefact: Artefact) -> bool:
+        return artefact.kind == self.artefact_kind and artefact.target in self.targets
+
+
+def check_io_shapes(where, input_shape, output_shape, options: RunnerOptions) -> None:
+    """KdtoolError when a model's input (N, 3, H, W) or output (N, C) differs from the manifest's."""
+    def fixed(dims):  # symbolic or dynamic dims (None, 'batch', -1) are not compared
+        return [d if isinstance(d, int) and d > 0 else None for d in dims]
+
+    expected_in = [None, *options.input_shape] if options.input_shape else None
+    expected_out = [None, options.num_classes] if options.num_classes else None
+    for what, shape, expected in (("input", input_shape, expected_in), ("output", output_shape, expected_out)):
+        if expected is None:
+            continue
+        got = fixed(shape)
+        if len(got) != len(expected) or any(g is not None and g != e for g, e in zip(got[1:], expected[1:])):
+            raise KdtoolError(f"{where}: {what} shape {list(shape)} differs from the manifest's "
+                              f"{['batch', *expected[1:]]}")
 
 
 # ---------------------------------------------------------------- PyTorch eager
@@ -93,17 +120,14 @@ class OrtRunner:
 
     max_batch = None
 
-    def __init__(self, artefact: Artefact, providers: list, options: RunnerOptions, on_gpu: bool):
-        import onnxruntime as ort
-
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.threads
-        session_options.inter_op_num_threads = 1
-        session_options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(artefact.path), session_options, providers=providers)
+    def __init__(self, artefact: Artefact, providers: list, options: RunnerOptions, on_gpu: bool, emulated: bool = False):
+        self.session = ort_session(artefact.path, providers=providers, threads=options.threads, emulated=emulated)
         inputs = {node.name: node for node in self.session.get_inputs()}
-        if options.input_name not in inputs:
-            raise KdtoolError(f"{artefact.path}: no input named {options.input_name!r} (the model has {', '.join(inputs)})")
+        outputs = {node.name: node for node in self.session.get_outputs()}
+        if options.input_name not in inputs or options.output_name not in outputs:
+            raise KdtoolError(f"{artefact.path}: no input {options.input_name!r} and output {options.output_name!r} "
+                              f"(the model has inputs {', '.join(inputs)}, outputs {', '.join(outputs)})")
+        check_io_shapes(artefact.path, inputs[options.input_name].shape, outputs[options.output_name].shape, options)
         self.dtype = _ORT_DTYPES.get(inputs[options.input_name].type, np.float32)
         self.input_name, self.output_names = options.input_name, [options.output_name]
         self.device_resident = on_gpu and not options.include_copies
@@ -146,18 +170,26 @@ def _ort_providers_missing(*providers: str) -> Callable[[], str | None]:
     return reason
 
 
+# ONNX Runtime's TensorRT provider: precision comes from the graph (the FP16 ONNX, the symmetric Q/DQ ONNX).
+# With trt_fp16_enable and trt_int8_enable off, ORT builds a strongly typed TensorRT network (ORT with
+# TensorRT 10: microsoft/onnxruntime PR 24298; TensorRT 11 has only strongly typed networks).
+TENSORRT_EP_OPTIONS = {"device_id": 0, "trt_fp16_enable": False, "trt_int8_enable": False}
+
+
 def _open_ort(provider: str) -> Callable[[Artefact, RunnerOptions], Runner]:
     def open_runner(artefact: Artefact, options: RunnerOptions) -> Runner:
         if provider == "CPUExecutionProvider":
             return OrtRunner(artefact, ["CPUExecutionProvider"], options, on_gpu=False)
         chain: list = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         if provider == "TensorrtExecutionProvider":
-            # QDQ models need INT8 enabled in the TensorRT provider; fp16 layers need FP16 enabled.
-            trt_options = {"device_id": 0, "trt_fp16_enable": artefact.precision == "fp16",
-                           "trt_int8_enable": artefact.precision == "int8"}
-            chain.insert(0, ("TensorrtExecutionProvider", trt_options))
+            chain.insert(0, ("TensorrtExecutionProvider", dict(TENSORRT_EP_OPTIONS)))
         return OrtRunner(artefact, chain, options, on_gpu=True)
     return open_runner
+
+
+def _open_emulated(artefact: Artefact, options: RunnerOptions) -> Runner:
+    """The Q/DQ graph run node by node in float on the CPU (kdtool.export.runner, emulated=True)."""
+    return OrtRunner(artefact, ["CPUExecutionProvider"], options, on_gpu=False, emulated=True)
 
 
 # ---------------------------------------------------------------- native TensorRT (10.x Python API)
@@ -165,21 +197,26 @@ class TensorRTRunner:
     """A serialized TensorRT engine: one execution context, torch CUDA tensors as I/O buffers, own stream."""
 
     def __init__(self, artefact: Artefact, options: RunnerOptions):
-        import tensorrt as trt
+        from kdtool.export.tensorrt import deserialize_engine, require_tensorrt
 
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(artefact.path.read_bytes())
-        if self.engine is None:
-            raise KdtoolError(f"{artefact.path}: TensorRT {trt.__version__} cannot deserialise this engine "
-                              "(built for another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
+        trt = require_tensorrt()
+        if artefact.engine is None:
+            raise KdtoolError(f"{artefact.path}: cannot deserialise an engine without the build target (TensorRT "
+                              f"version, GPU) its manifest entry records")
+        # version, GPU and compute capability checked before the bytes are deserialised
+        self.runtime, self.engine = deserialize_engine(artefact.path, artefact.engine)
+        self.context = self.engine.create_execution_context()  # 8.x+, 10.x, 11.x
         self.input_name, self.output_name = options.input_name, options.output_name
+        # num_io_tensors / get_tensor_name / get_tensor_dtype / get_tensor_shape: the name-based API of 8.5+, 10.x, 11.x
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         for name in (self.input_name, self.output_name):
             if name not in names:
                 raise KdtoolError(f"{artefact.path}: engine has no tensor {name!r} (it has {', '.join(sorted(names))})")
+        check_io_shapes(artefact.path, list(self.engine.get_tensor_shape(self.input_name)),
+                        list(self.engine.get_tensor_shape(self.output_name)), options)
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
         self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        # get_tensor_profile_shape(name, profile) -> [min, opt, max]: 10.x, 11.x
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.device = torch.device("cuda")
         self.stream = torch.cuda.Stream()
@@ -254,26 +291,33 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 def _tensorrt_missing() -> str | None:
+    from kdtool.export.tensorrt import require_tensorrt
+
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "the tensorrt Python package is not installed (pip install 'kdtool[trt]')"
-    return None if torch.cuda.is_available() else "no CUDA GPU visible to PyTorch"
+        require_tensorrt()
+    except KdtoolError as exc:
+        return str(exc)
+    return None
 
 
 def _cuda_missing() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA GPU visible to PyTorch"
 
 
+ONNX_TARGETS = frozenset({"onnxruntime", "onnxruntime-cpu", "onnxruntime-gpu"})
+GPU_ONNX_TARGETS = frozenset({"onnxruntime", "onnxruntime-gpu"})
+
 RUNTIMES: Registry[Runtime] = Registry("runtime", {
     "pytorch-cpu": Runtime("pytorch-cpu", "pytorch", False, lambda: None, _open_torch("cpu")),
     "pytorch-cuda": Runtime("pytorch-cuda", "pytorch", True, _cuda_missing, _open_torch("cuda")),
     "ort-cpu": Runtime("ort-cpu", "onnx", False, _ort_providers_missing("CPUExecutionProvider"),
-                       _open_ort("CPUExecutionProvider")),
+                       _open_ort("CPUExecutionProvider"), ONNX_TARGETS),
+    "ort-emulated": Runtime("ort-emulated", "onnx", False, _ort_providers_missing("CPUExecutionProvider"),
+                            _open_emulated, frozenset({"tensorrt"}), timed=False),
     "ort-cuda": Runtime("ort-cuda", "onnx", True, _ort_providers_missing("CUDAExecutionProvider"),
-                        _open_ort("CUDAExecutionProvider")),
+                        _open_ort("CUDAExecutionProvider"), GPU_ONNX_TARGETS),
     "ort-tensorrt": Runtime("ort-tensorrt", "onnx", True,
                             _ort_providers_missing("TensorrtExecutionProvider", "CUDAExecutionProvider"),
-                            _open_ort("TensorrtExecutionProvider")),
-    "tensorrt": Runtime("tensorrt", "tensorrt", True, _tensorrt_missing, TensorRTRunner),
+                            _open_ort("TensorrtExecutionProvider"), GPU_ONNX_TARGETS | {"tensorrt"}),
+    "tensorrt": Runtime("tensorrt", "tensorrt", True, _tensorrt_missing, TensorRTRunner, frozenset({"tensorrt"})),
 })
