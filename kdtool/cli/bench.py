@@ -18,7 +18,8 @@ from kdtool.cli.common import debug_option, handle_errors
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for ONNX Runtime (intra-op) and PyTorch.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Dataset root replacing the recipe's data.root (same dataset kind).")
+              help="Dataset root (the recipe's dataset kind): accuracy on its whole validation set, with the teacher "
+                   "and float student of the training run, instead of the bundle's reference set.")
 @click.option("--exclude-copies", is_flag=True, default=None,
               help="GPU runtimes: time inference only, inputs and outputs already on the device.")
 @click.option("--cuda-graphs", is_flag=True, default=None, help="Native TensorRT: replay CUDA graphs.")
@@ -26,9 +27,11 @@ from kdtool.cli.common import debug_option, handle_errors
 @debug_option
 @handle_errors
 def bench(bundle, batch_sizes, iters, duration, threads, data, exclude_copies, cuda_graphs, progress):
-    """Time every artefact of BUNDLE on every available runtime and check its accuracy against the
-    teacher and the float student. Writes report.{json,md,png} into BUNDLE; exits 1 when the
-    recipe's accuracy gate (bench.gate) is missed. BUNDLE defaults to the newest under export/.
+    """Time every artefact of BUNDLE on every available runtime that serves its target and check its
+    accuracy against the teacher and the float student, on the bundle's own reference set (no run or
+    dataset needed). Writes report.{json,md,png} into BUNDLE; exits 1 when the recipe's accuracy gate
+    (bench.gate) is missed or an artefact cannot run on a runtime that serves it, and names what could
+    not be checked here (a runtime not installed). BUNDLE defaults to the newest under export/.
 
     \b
     Examples:
