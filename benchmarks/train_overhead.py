@@ -2,9 +2,11 @@
 
 Same teacher/student, data, batch, loss (Hinton KD), optimizer and threads; one epoch of each,
 interleaved over several repeats, median time per step. Prints the ratio kdtool / plain
-(target <= 1.10 on the CPU).
+(target <= 1.10 on the CPU). With --tensorboard, kdtool also logs to TensorBoard every
+--log-every steps (the tracker's cost is then part of kdtool's step).
 
     python benchmarks/train_overhead.py --repeats 3 --threads 2
+    python benchmarks/train_overhead.py --repeats 3 --threads 2 --tensorboard --log-every 10
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from kdtool import build_datasets, build_loader, build_loss, build_model, load_recipe, normalize
 from kdtool.recipe import MethodConfig
 from kdtool.train import Teacher, build_accelerator, fit
+from kdtool.train.tracking import tracking
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
@@ -49,22 +52,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--tensorboard", action="store_true", help="log to TensorBoard (needs kdtool[tensorboard])")
+    parser.add_argument("--log-every", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    trackers = ["runtime.log_with=[tensorboard]", f"runtime.log_every={args.log_every}"] if args.tensorboard else []
     recipe = load_recipe(QUICKSTART, ["method.name=kd", "augment.jda.policy=null", "train.epochs=1",
-                                      f"data.batch_size={args.batch}", "train.schedule.name=constant"])
+                                      f"data.batch_size={args.batch}", "train.schedule.name=constant", *trackers])
+    with tempfile.TemporaryDirectory() as logs:
+        measure(recipe, args, Path(logs))
+
+
+def measure(recipe, args, logs: Path) -> None:
+    """Interleaved rounds of kdtool's `fit` and the plain loop; prints the medians and their ratio."""
     datasets = build_datasets(recipe.data)
     info = datasets.info
     teacher = build_model(recipe.teacher.name, info.num_classes).eval().requires_grad_(False)
     teacher = teacher.to(memory_format=torch.channels_last)
     loss_fn, _ = build_loss(MethodConfig(name="kd"))
-    accelerator = build_accelerator(recipe.runtime)
+    accelerator = build_accelerator(recipe.runtime, run_dir=logs)  # trackers (if any) log under logs/
     method = recipe.method
 
     kdtool_times, plain_times = [], []
     for repeat in range(args.repeats + 1):  # the first round warms up both
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as out, tracking(accelerator, f"round{repeat}", {"repeat": repeat}):
             torch.manual_seed(repeat)
             result = fit(build_model(recipe.student.name, info.num_classes), datasets, train_cfg=recipe.train,
                          data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator, out_dir=Path(out),
@@ -81,8 +93,9 @@ def main() -> None:
               f"plain {seconds / steps * 1000:.1f} ms/step")
 
     kdtool_ms, plain_ms = statistics.median(kdtool_times) * 1000, statistics.median(plain_times) * 1000
+    logged = f", TensorBoard every {args.log_every} steps" if args.tensorboard else ""
     print(f"\nteacher {recipe.teacher.name}, student {recipe.student.name}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, device {accelerator.device}")
+          f"{torch.get_num_threads()} threads, device {accelerator.device}{logged}")
     print(f"kdtool step: {kdtool_ms:.1f} ms   plain PyTorch KD step: {plain_ms:.1f} ms")
     print(f"ratio kdtool / plain = {kdtool_ms / plain_ms:.3f}   (target <= 1.10)")
 
