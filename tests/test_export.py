@@ -1,5 +1,6 @@
-"""The export stage on one tiny real run: ONNX vs PyTorch, manifest, INT8 accuracy and fallback,
-FP16, the bundle used with onnxruntime + numpy alone, bad inputs through the CLI, TensorRT skips."""
+"""The export stage on one tiny real run: ONNX vs PyTorch, manifest, the two INT8 artefacts (U8S8 for the
+CPU, symmetric for TensorRT, judged on emulated Q/DQ), FP16, the reference set, the bundle used with
+onnxruntime + numpy alone, bad inputs through the CLI, TensorRT skips."""
 from __future__ import annotations
 
 import json
@@ -17,12 +18,14 @@ from torch import nn
 from kdtool.cli import cli
 from kdtool.data import build_datasets
 from kdtool.errors import CheckFailed, KdtoolError
-from kdtool.export import check_engine_target, choose_reduce_range, export_bundle, find_latest_run, read_manifest
+from kdtool.bundle import REFERENCE_BUDGET_BYTES, reference_count
+from kdtool.export import check_engine_target, choose_reduce_range, export_bundle, find_latest_run, tensorrt_scheme
 from kdtool.export.onnx_export import export_onnx, ort_session, run_batched, torch_logits
-from kdtool.export.images import ValidationBatches
+from kdtool.export.images import ValidationBatches, preprocess
 from kdtool.export.quantize import quantize_with_fallback
 from kdtool.io import sha256_file
 from kdtool.recipe import Int8Config, load_recipe, recipe_from_dict
+from kdtool.rundir import load_teacher
 from kdtool.train import distill, load_student
 
 TINY_RECIPE = {
@@ -49,7 +52,8 @@ def bundle(run_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(bundle) -> dict:
-    return read_manifest(bundle)
+    """manifest.json as plain JSON (what any consumer reads)."""
+    return json.loads((bundle / "manifest.json").read_text())
 
 
 def test_onnx_matches_pytorch_at_batch_sizes(run_dir, bundle, manifest):
@@ -70,7 +74,7 @@ def test_onnx_matches_pytorch_at_batch_sizes(run_dir, bundle, manifest):
 
 
 def test_manifest_content(run_dir, bundle, manifest):
-    assert manifest["format"] == {"name": "kdtool-bundle", "version": 1}
+    assert manifest["format"] == {"name": "kdtool-bundle", "version": 2}
     assert manifest["input"]["name"] == "images" and manifest["output"]["name"] == "logits"
     assert manifest["input"]["shape"] == ["batch", 3, 16, 16] and manifest["output"]["shape"] == ["batch", 10]
     pre = manifest["preprocessing"]
@@ -79,24 +83,114 @@ def test_manifest_content(run_dir, bundle, manifest):
     assert Path(provenance["run_dir"]) == run_dir.resolve()
     assert provenance["recipe_sha256"] == load_recipe(bundle / "recipe.yaml").digest()
     assert provenance["checkpoint_sha256"] == sha256_file(run_dir / "best" / "model.safetensors")
-    assert set(manifest["artefacts"]) == {"fp32", "int8", "fp16"}
+    targets = {key: entry["target"] for key, entry in manifest["artefacts"].items()}
+    assert targets == {"fp32": "onnxruntime", "int8": "onnxruntime-cpu", "int8_trt": "tensorrt", "fp16": "onnxruntime-gpu"}
     for entry in manifest["artefacts"].values():
         assert entry["kind"] == "onnx" and entry["sha256"] == sha256_file(bundle / entry["file"])
+        assert entry["size_bytes"] == (bundle / entry["file"]).stat().st_size
     assert {"kdtool", "torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     calibration = manifest["calibration"]
     assert calibration["images"] == 64 == len(calibration["indices"]) and calibration["split"] == "train"
-    assert isinstance(calibration["reduce_range"], bool) and calibration["reduce_range_reason"]
-    assert not list(bundle.parent.glob(".*partial*"))
+    cpu = manifest["artefacts"]["int8"]["quantization"]
+    assert cpu["scheme"] == "u8s8" and cpu["activation_type"] == "uint8" and cpu["numerics"] == "onnxruntime-cpu-kernels"
+    assert isinstance(cpu["reduce_range"], bool) and cpu["reduce_range_reason"]
+    trt = manifest["artefacts"]["int8_trt"]["quantization"]
+    assert (trt["scheme"], trt["activation_type"], trt["symmetric"], trt["reduce_range"], trt["numerics"]) == \
+        ("s8s8-symmetric", "int8", True, False, "emulated-float")
+    assert not list(bundle.parent.glob(".*partial*")) and not (bundle / ".kdtool-bundle-staging").exists()
 
 
-def test_int8_is_qdq_and_its_drop_is_measured(bundle, manifest):
-    int8 = manifest["artefacts"]["int8"]
+@pytest.mark.parametrize("key", ["int8", "int8_trt"])
+def test_int8_is_qdq_and_its_drop_is_measured(bundle, manifest, key):
+    int8 = manifest["artefacts"][key]
     ops = {node.op_type for node in onnx.load(str(bundle / int8["file"])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     accuracy = int8["verification"]["accuracy"]
-    assert accuracy["images"] == 360
+    assert accuracy["images"] == 360 and accuracy["numerics"] == int8["quantization"]["numerics"]
     assert accuracy["top1_drop"] == pytest.approx(accuracy["float_top1"] - accuracy["int8_top1"], abs=1e-3)
     assert accuracy["top1_drop"] <= accuracy["max_top1_drop"]
+
+
+def _qdq_zero_points(model: onnx.ModelProto) -> list[tuple[str, int, np.ndarray]]:
+    """(node, zero point dtype, zero point values) of every QuantizeLinear/DequantizeLinear."""
+    constants = {init.name: init for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert len(node.input) == 3 and node.input[2] in constants, f"{node.name} has no constant zero point"
+            zero_point = constants[node.input[2]]
+            found.append((node.name, zero_point.data_type, onnx.numpy_helper.to_array(zero_point)))
+    return found
+
+
+def test_tensorrt_int8_is_symmetric_with_zero_points_0(bundle, manifest):
+    """TensorRT takes INT8 Q/DQ with zero points 0 only, weights in [-127, 127]; the CPU artefact is U8S8."""
+    trt = onnx.load(str(bundle / manifest["artefacts"]["int8_trt"]["file"]))
+    zero_points = _qdq_zero_points(trt)
+    assert len(zero_points) >= 4
+    for name, dtype, values in zero_points:
+        assert dtype == onnx.TensorProto.INT8 and not values.any(), f"{name}: zero point {values} ({dtype})"
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in trt.graph.initializer}
+    weights = [constants[n.input[0]] for n in trt.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
+    assert weights and all(w.dtype == np.int8 and w.min() >= -127 for w in weights)
+    cpu = _qdq_zero_points(onnx.load(str(bundle / manifest["artefacts"]["int8"]["file"])))
+    assert any(dtype == onnx.TensorProto.UINT8 for _, dtype, _ in cpu)  # the check above can fail: U8S8 does
+
+
+INTEGER_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearAdd",
+                   "QLinearGlobalAveragePool", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+@pytest.mark.parametrize("key", ["int8", "int8_trt"])
+def test_emulated_numerics_run_no_integer_kernel(bundle, manifest, key, tmp_path):
+    """ORT with graph optimisations off keeps the Q/DQ graph as written: float Conv/Gemm on dequantised
+    values, no integer kernel; the full optimisation of the CPU artefact does fuse integer kernels."""
+    path = bundle / manifest["artefacts"][key]["file"]
+    ort_session(path, emulated=True, optimized_model_path=tmp_path / "emulated.onnx")
+    emulated_ops = {node.op_type for node in onnx.load(str(tmp_path / "emulated.onnx")).graph.node}
+    assert not emulated_ops & INTEGER_KERNELS and {"Conv", "QuantizeLinear", "DequantizeLinear"} <= emulated_ops
+    if key == "int8":
+        ort_session(path, optimized_model_path=tmp_path / "full.onnx")
+        assert {node.op_type for node in onnx.load(str(tmp_path / "full.onnx")).graph.node} & INTEGER_KERNELS
+
+
+def test_reference_set_in_the_bundle(run_dir, bundle, manifest):
+    """uint8 validation images as the preprocessing expects, labels, teacher and float-student logits."""
+    reference = manifest["reference"]
+    arrays = {name: np.load(bundle / reference[name]["file"], allow_pickle=False)
+              for name in ("images", "labels", "teacher_logits", "student_logits")}
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    datasets = build_datasets(recipe.data)
+    count = reference["count"]
+    assert count == 360 == len(datasets.val)  # the quickstart's whole validation set fits the budget
+    assert arrays["images"].dtype == np.uint8 and arrays["images"].shape == (count, 3, 16, 16)
+    assert arrays["labels"].tolist() == [int(datasets.val[i][1]) for i in range(count)]
+    inputs = preprocess(torch.from_numpy(arrays["images"][:64]), datasets.info)
+    student = torch_logits(load_student(run_dir, recipe, 10), inputs)
+    teacher = torch_logits(load_teacher(run_dir, recipe, 10), inputs)
+    assert np.allclose(arrays["student_logits"][:64], student, atol=1e-5)
+    assert np.allclose(arrays["teacher_logits"][:64], teacher, atol=1e-5)
+    for name, entry in reference.items():
+        if isinstance(entry, dict):
+            assert entry["sha256"] == sha256_file(bundle / entry["file"])
+
+
+def test_reference_set_size_is_capped():
+    assert reference_count(1000, 360, 16, 10) == 360
+    imagenet = reference_count(1000, 50_000, 224, 1000)
+    assert 300 < imagenet < 1000 and imagenet * (3 * 224 * 224 + 8 + 8000) <= REFERENCE_BUDGET_BYTES
+    assert reference_count(10, 50_000, 224, 1000) == 10
+
+
+def test_tensorrt_scheme_fallback_is_judged_on_emulated_numerics(sensitive):
+    """The fallback of the TensorRT artefact measures emulated Q/DQ top-1 (not the CPU's integer kernels)."""
+    path, calibration, validation = sensitive
+    out = path.with_name("int8_trt.onnx")
+    result = quantize_with_fallback(path, out, calibration=calibration, validation=validation, input_name="images",
+                                    cfg=Int8Config(calibration_images=64, max_top1_drop=2), scheme=tensorrt_scheme())
+    emulated = run_batched(ort_session(out, emulated=True), validation[0][0], 50).argmax(1)
+    assert result.int8_top1 == pytest.approx(100 * float((emulated == validation[0][1]).mean()))
+    assert result.top1_drop <= 2 and result.steps[0]["top1_drop"] > 10
 
 
 def test_fp16_verified_or_marked_unverified(bundle, manifest):
@@ -138,7 +232,7 @@ def test_bundle_runs_with_onnxruntime_and_numpy_alone(run_dir, bundle, tmp_path)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     predictions = json.loads(done.stdout)
-    assert set(predictions) == {"fp32", "int8", "fp16"}
+    assert set(predictions) == {"fp32", "int8", "int8_trt", "fp16"}
     assert predictions["fp16"] == predictions["fp32"]
 
 
@@ -277,6 +371,8 @@ def test_trt_engines_built_and_loaded(run_dir, tmp_path):
     from kdtool.export import load_engine
 
     bundle = export_bundle(run_dir, out=tmp_path / "trt", trt=True, progress=False)
-    manifest = read_manifest(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"trt_fp16", "trt_int8"} <= set(manifest["artefacts"]) and (bundle / "tensorrt.timing.cache").exists()
+    assert manifest["artefacts"]["trt_int8"]["source"] == "model.int8_trt.onnx"
+    assert manifest["artefacts"]["trt_fp16"]["engine"]["network"] == "strongly typed"
     assert load_engine(bundle, "trt_int8") is not None
