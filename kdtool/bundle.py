@@ -79,6 +79,10 @@ TARGETS = {
 }
 
 
+class BundleMismatch(KdtoolError):
+    """An artefact does not fit what its manifest says (tensor names, shapes, engine target): exit 2."""
+
+
 # ------------------------------------------------------------------ names and paths
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

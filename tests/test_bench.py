@@ -1,16 +1,14 @@
-"""kdtool bench: statistics, the report files, the accuracy gate and bad bundles.
+"""kdtool bench: statistics, the report files, the accuracy gate, bad bundles, and a bundle benched with
+only the bundle (its run deleted).
 
-One tiny bundle is built once per module: a one-epoch quickstart run at 8x8 (the digits' native
-size), its student exported to ONNX FP32 and to a static INT8 Q/DQ model calibrated on real images,
-and a manifest with the keys the export stage writes. Only ONNX Runtime on the CPU and PyTorch
-on the CPU run here; the GPU runtimes are reported as skipped.
+One tiny bundle is built once per module with `kdtool export` on a one-epoch quickstart run at 8x8 (the
+digits' native size). Whatever runtimes this machine has run; the tests do not assume a GPU is absent.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,74 +18,37 @@ import torch
 from click.testing import CliRunner, Result
 from onnx import numpy_helper
 
-from kdtool.bench import find_latest_bundle, latency_stats, measure
+from kdtool.bench import RUNTIMES, find_latest_bundle, latency_stats, measure
 from kdtool.bench.run import resolve_settings
+from kdtool.bundle import bundle_lock, read_manifest, write_manifest
 from kdtool.cli import cli
 from kdtool.errors import KdtoolError
+from kdtool.io import sha256_file
 from kdtool.recipe import BenchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["train.epochs=1", "teacher.train.epochs=1", "data.image_size=8", "teacher.name=resnet8",
             "data.batch_size=32", "train.schedule.warmup_epochs=0", "teacher.train.schedule.warmup_epochs=0",
             # A one-epoch 8x8 student loses up to ~2 points to INT8; the damaged model below loses ~70.
-            "bench.gate.max_top1_drop={fp32: 0.5, fp16: 0.5, int8: 5.0}"]
+            "bench.gate.max_top1_drop={fp32: 0.5, fp16: 0.5, int8: 5.0}",
+            "export.int8.calibration_images=64", "export.int8.max_top1_drop=5"]
 FAST_BENCH = ["--batch", "1", "--batch", "8", "--iters", "3", "--threads", "1", "--no-progress"]
 
 
 # ---------------------------------------------------------------- the bundle (what kdtool export writes)
-def _calibration_reader(batches: list[np.ndarray], input_name: str):
-    from onnxruntime.quantization import CalibrationDataReader
+def make_run(root: Path) -> Path:
+    from kdtool.recipe import load_recipe
+    from kdtool.train import distill
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter({input_name: batch} for batch in batches)
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    return Reader()
+    run_dir = root / "runs" / "tiny"
+    distill(load_recipe(REPO / "recipes" / "quickstart.yaml", TINY_RUN), run_dir, progress=False)
+    return run_dir
 
 
 def make_bundle(root: Path) -> Path:
-    """A run via the library, its student as FP32 ONNX and INT8 Q/DQ ONNX, and a manifest."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from kdtool.export import export_bundle
 
-    from kdtool.data import build_datasets, normalize
-    from kdtool.recipe import load_recipe, save_recipe
-    from kdtool.train import distill, load_student
-
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", TINY_RUN)
-    run_dir = root / "runs" / "tiny"
-    distill(recipe, run_dir, progress=False)
-    datasets = build_datasets(recipe.data)
-    info = datasets.info
-    student = load_student(run_dir, recipe, info.num_classes)
-    bundle = root / "export" / "tiny"
-    bundle.mkdir(parents=True)
-    size = recipe.data.image_size
-    with warnings.catch_warnings():  # dynamo=False, as kdtool.export uses, warns that it is the legacy exporter
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(student, (torch.zeros(1, 3, size, size),), str(bundle / "model_fp32.onnx"),
-                          input_names=["images"], output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    images = normalize(torch.stack([datasets.train[i][0] for i in range(128)]), info).numpy()
-    quantize_static(str(bundle / "model_fp32.onnx"), str(bundle / "model_int8.onnx"),
-                    _calibration_reader(np.split(images, 4), "images"), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    save_recipe(recipe, bundle / "recipe.yaml")
-    manifest = {
-        "artefacts": {
-            "fp32": {"file": "model_fp32.onnx", "precision": "fp32", "kind": "onnx"},
-            "int8": {"file": "model_int8.onnx", "precision": "int8", "kind": "onnx"},
-        },
-        "input": {"name": "images", "dtype": "float32", "shape": ["batch", 3, size, size]},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", info.num_classes]},
-        "preprocessing": {"image_size": size, "mean": list(info.mean), "std": list(info.std), "layout": "NCHW",
-                          "class_names": list(info.class_names)},
-        "provenance": {"run_dir": str(run_dir)},
-    }
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return bundle
+    return export_bundle(make_run(root), out=root / "export" / "tiny", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +64,16 @@ def bundle_copy(bundle, tmp_path) -> Path:
 
 def _bench(*args) -> Result:
     return CliRunner().invoke(cli, ["bench", *map(str, args), *FAST_BENCH])
+
+
+def replace_artefact(bundle_dir: Path, key: str, write) -> None:
+    """Replace an artefact and update its manifest entry, as a faulty export would write it."""
+    manifest = read_manifest(bundle_dir)
+    path = bundle_dir / manifest.artefacts[key].file
+    write(path)
+    data = manifest.model_dump(mode="json")
+    data["artefacts"][key].update(sha256=sha256_file(path), size_bytes=path.stat().st_size)
+    write_manifest(bundle_dir, type(manifest).model_validate_json(json.dumps(data)))
 
 
 # ---------------------------------------------------------------- statistics and the harness
@@ -145,21 +116,25 @@ def test_settings_precedence():
 def test_good_bundle_passes_and_writes_report(bundle):
     result = _bench(bundle)
     assert result.exit_code == 0, result.output
-    assert "gate passed" in result.output
+    assert "gate passed for fp16, fp32, int8, int8_trt" in " ".join(result.output.split())
 
     report = json.loads((bundle / "report.json").read_text())
     assert report["gate"]["passed"] and report["host"] and report["timestamp"]
+    assert report["gate"]["checked"] == ["fp16", "fp32", "int8", "int8_trt"] and not report["failed"]
+    assert report["settings"]["data"] == {"source": "reference", "images": 360, "description": report["settings"]["data"]["description"]}
     assert report["environment"]["cpu"]["logical_cores"] >= 1
     assert report["environment"]["versions"]["onnxruntime"]
     cases = {(c["artefact"], c["runtime"], c["batch_size"]) for c in report["timing"]}
-    assert cases == {(a, r, b) for a, r in [("student", "pytorch-cpu"), ("fp32", "ort-cpu"), ("int8", "ort-cpu")]
-                     for b in (1, 8)}
+    assert {(a, "ort-cpu", b) for a in ("fp32", "int8", "fp16") for b in (1, 8)} <= cases
+    assert not any(c["runtime"] in ("ort-emulated", "ort-cpu") and c["artefact"] == "int8_trt" for c in report["timing"])
     assert all(c["iterations"] == 3 and c["threads"] == 1 for c in report["timing"])
     rows = {(row["artefact"], row["runtime"]): row for row in report["accuracy"]}
-    assert set(rows) == {("teacher", "pytorch-cpu"), ("student", "pytorch-cpu"), ("fp32", "ort-cpu"), ("int8", "ort-cpu")}
+    assert {("teacher", "pytorch@export"), ("student", "pytorch@export"), ("fp32", "ort-cpu"), ("int8", "ort-cpu"),
+            ("fp16", "ort-cpu"), ("int8_trt", "ort-emulated")} <= set(rows)
+    assert ("int8_trt", "ort-cpu") not in rows  # not judged on CPU integer kernels it was not made for
     assert rows["fp32", "ort-cpu"]["student_agreement"] == pytest.approx(100.0)
     assert rows["fp32", "ort-cpu"]["top1_drop"] == pytest.approx(0.0)
-    assert rows["student", "pytorch-cpu"]["top1"] > 50  # a trained student, so the gate test below means something
+    assert rows["student", "pytorch@export"]["top1"] > 50  # a trained student, so the gate test below means something
 
     markdown = (bundle / "report.md").read_text()
     for heading in ("## Timing", "## Accuracy", "## Gate", "## Runtimes"):
@@ -169,16 +144,56 @@ def test_good_bundle_passes_and_writes_report(bundle):
 
 
 def test_unavailable_runtimes_are_listed_with_reasons(bundle):
+    """Whatever this machine has: an unavailable runtime is skipped with its reason for each artefact it serves,
+    an available one is never skipped for being unavailable, and nothing it serves is left unchecked."""
     if not (bundle / "report.json").exists():
         assert _bench(bundle).exit_code == 0
     report = json.loads((bundle / "report.json").read_text())
     runtimes = {r["name"]: r for r in report["runtimes"]}
-    assert set(runtimes) == {"pytorch-cpu", "pytorch-cuda", "ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt"}
-    for name, runtime in runtimes.items():
+    assert set(runtimes) == set(RUNTIMES)
+    skipped = {(s["artefact"], s["runtime"]): s["reason"] for s in report["skipped"] if "batch_size" not in s}
+    served = {(key, name) for name, runtime in RUNTIMES.items() for key in ("fp32", "int8", "int8_trt", "fp16")
+              if runtime.artefact_kind == "onnx" and read_manifest(bundle).artefacts[key].target in runtime.targets}
+    for key, name in served:
+        runtime = runtimes[name]
         assert runtime["available"] == (runtime["reason"] is None)
-    assert not runtimes["ort-cuda"]["available"] and "CUDAExecutionProvider" in runtimes["ort-cuda"]["reason"]
-    skipped = {(s["artefact"], s["runtime"]): s["reason"] for s in report["skipped"]}
-    assert skipped["int8", "ort-cuda"] == runtimes["ort-cuda"]["reason"]
+        if runtime["available"]:
+            assert (key, name) not in skipped or skipped[key, name].startswith("export found")
+        else:
+            assert skipped[key, name] == runtime["reason"]
+    assert runtimes["ort-cpu"]["available"] and runtimes["ort-emulated"]["available"]
+
+
+def test_bundle_benches_without_its_run(tmp_path):
+    """Copy a bundle elsewhere, delete the run it came from: bench checks every artefact from the bundle alone."""
+    root = tmp_path / "training-machine"
+    bundle = make_bundle(root)
+    served = Path(shutil.copytree(bundle, tmp_path / "serving-machine" / "bundle"))
+    shutil.rmtree(root)
+    result = _bench(served)
+    assert result.exit_code == 0, result.output
+    report = json.loads((served / "report.json").read_text())
+    assert report["gate"]["passed"] and set(report["gate"]["checked"]) == {"fp32", "int8", "int8_trt", "fp16"}
+    assert report["settings"]["data"]["source"] == "reference"
+    result = _bench(served, "--data", tmp_path)
+    assert result.exit_code == 2 and "needs the training run" in result.output, result.output
+
+
+def test_rebuild_from_the_bundle_alone(tmp_path):
+    """`kdtool export --trt --rebuild BUNDLE` on a copied bundle whose run is gone."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed: no engine can be rebuilt here")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs an NVIDIA GPU with CUDA")
+    root = tmp_path / "training-machine"
+    bundle = make_bundle(root)
+    served = Path(shutil.copytree(bundle, tmp_path / "serving-machine" / "bundle"))
+    shutil.rmtree(root)
+    result = CliRunner().invoke(cli, ["export", "--trt", "--rebuild", str(served), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert {"trt_fp16", "trt_int8"} <= set(read_manifest(served).artefacts)
+    result = _bench(served)
+    assert result.exit_code == 0, result.output
+    assert {"trt_fp16", "trt_int8"} <= set(json.loads((served / "report.json").read_text())["gate"]["checked"])
 
 
 def _zero_int8_weights(model_path: Path) -> None:
@@ -193,7 +208,7 @@ def _zero_int8_weights(model_path: Path) -> None:
 
 
 def test_damaged_int8_fails_the_gate(bundle_copy):
-    _zero_int8_weights(bundle_copy / "model_int8.onnx")
+    replace_artefact(bundle_copy, "int8", _zero_int8_weights)
     result = _bench(bundle_copy)
     assert result.exit_code == 1, result.output
     assert "accuracy gate failed" in result.output
@@ -207,10 +222,10 @@ def test_damaged_int8_fails_the_gate(bundle_copy):
 
 # ---------------------------------------------------------------- bad input: exit 2, one line naming the file
 def test_missing_artefact_exits_2(bundle_copy):
-    (bundle_copy / "model_int8.onnx").unlink()
+    (bundle_copy / "model.int8.onnx").unlink()
     result = _bench(bundle_copy)
     assert result.exit_code == 2
-    assert "model_int8.onnx" in result.output and "'int8'" in result.output
+    assert "model.int8.onnx" in result.output and "'int8'" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
@@ -229,12 +244,48 @@ def test_missing_bundle_or_manifest_exits_2(tmp_path):
     assert result.exit_code == 2 and "manifest.json" in result.output
 
 
+def test_an_artefact_that_cannot_run_fails_instead_of_being_skipped(bundle_copy):
+    replace_artefact(bundle_copy, "fp16", lambda path: path.write_bytes(b"not an onnx model"))
+    result = _bench(bundle_copy)
+    assert result.exit_code == 1, result.output
+    assert "could not run" in result.output and "gate passed" not in result.output
+    report = json.loads((bundle_copy / "report.json").read_text())
+    assert report["gate"]["passed"] is False and {f["artefact"] for f in report["failed"]} == {"fp16"}
+
+
+def test_input_shape_differing_from_the_manifest_exits_2(bundle_copy, tmp_path):
+    from kdtool.export import export_onnx
+
+    other = tmp_path / "other.onnx"
+    export_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)), other, image_size=16, opset=17)
+    replace_artefact(bundle_copy, "fp32", lambda path: shutil.copy(other, path))
+    result = _bench(bundle_copy)
+    assert result.exit_code == 2, result.output
+    assert "input shape" in result.output and "differs from the manifest" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bundle_in_use_is_refused(bundle_copy):
+    with bundle_lock(bundle_copy):
+        result = _bench(bundle_copy)
+    assert result.exit_code == 2 and "in use by another kdtool process" in result.output, result.output
+
+
+def _fake_bundle(path: Path, mtime: int) -> None:
+    path.mkdir()
+    (path / "manifest.json").write_text('{"format": {"name": "kdtool-bundle", "version": 2}}')
+    os.utime(path / "manifest.json", (mtime, mtime))
+
+
 def test_find_latest_bundle(tmp_path):
     with pytest.raises(KdtoolError, match="no bundle"):
         find_latest_bundle(tmp_path)
     for name, mtime in (("old", 1_000), ("new", 2_000), ("also_old", 1_500)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "manifest.json").write_text("{}")
-        os.utime(tmp_path / name / "manifest.json", (mtime, mtime))
+        _fake_bundle(tmp_path / name, mtime)
     (tmp_path / "not_a_bundle").mkdir()
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text("{}")
+    for leftover in (".new.abcd1234.partial", ".new.abcd1234.old"):
+        _fake_bundle(tmp_path / leftover, 3_000)  # newer, but a killed write's leftover
+    (tmp_path / "link").symlink_to(tmp_path / ".new.abcd1234.partial")
     assert find_latest_bundle(tmp_path) == tmp_path / "new"

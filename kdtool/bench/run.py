@@ -26,7 +26,7 @@ from kdtool.bench.bundle import Artefact, Bundle, load_bundle
 from kdtool.bench.report import build_report, write_report
 from kdtool.bench.runtimes import RUNTIMES, RunnerOptions, Runtime
 from kdtool.bench.timing import latency_stats, measure
-from kdtool.bundle import bundle_lock, read_reference
+from kdtool.bundle import BundleMismatch, bundle_lock, read_reference
 from kdtool.data import DataInfo, build_datasets, build_loader
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import predict
@@ -181,7 +181,7 @@ def _open_cases(artefacts: list[Artefact], runtimes: list[dict], options: Runner
             else:
                 try:
                     outcome.cases.append((artefact, runtime, runtime.open(artefact, options)))
-                except KdtoolError:
+                except BundleMismatch:
                     raise  # the bundle does not fit its manifest (names, shapes, engine target): exit 2
                 except Exception as exc:  # noqa: BLE001  a runtime that cannot load an artefact it serves
                     outcome.fail(artefact, runtime, exc, stage="open")

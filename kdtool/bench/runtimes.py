@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdtool.bench.bundle import Artefact
+from kdtool.bundle import BundleMismatch
 from kdtool.errors import KdtoolError, Registry
 from kdtool.export.runner import ort_session
 
@@ -70,7 +71,7 @@ def check_io_shapes(where, input_shape, output_shape, options: RunnerOptions) ->
             continue
         got = fixed(shape)
         if len(got) != len(expected) or any(g is not None and g != e for g, e in zip(got[1:], expected[1:])):
-            raise KdtoolError(f"{where}: {what} shape {list(shape)} differs from the manifest's "
+            raise BundleMismatch(f"{where}: {what} shape {list(shape)} differs from the manifest's "
                               f"{['batch', *expected[1:]]}")
 
 
@@ -125,7 +126,7 @@ class OrtRunner:
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = {node.name: node for node in self.session.get_outputs()}
         if options.input_name not in inputs or options.output_name not in outputs:
-            raise KdtoolError(f"{artefact.path}: no input {options.input_name!r} and output {options.output_name!r} "
+            raise BundleMismatch(f"{artefact.path}: no input {options.input_name!r} and output {options.output_name!r} "
                               f"(the model has inputs {', '.join(inputs)}, outputs {', '.join(outputs)})")
         check_io_shapes(artefact.path, inputs[options.input_name].shape, outputs[options.output_name].shape, options)
         self.dtype = _ORT_DTYPES.get(inputs[options.input_name].type, np.float32)
@@ -211,7 +212,7 @@ class TensorRTRunner:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         for name in (self.input_name, self.output_name):
             if name not in names:
-                raise KdtoolError(f"{artefact.path}: engine has no tensor {name!r} (it has {', '.join(sorted(names))})")
+                raise BundleMismatch(f"{artefact.path}: engine has no tensor {name!r} (it has {', '.join(sorted(names))})")
         check_io_shapes(artefact.path, list(self.engine.get_tensor_shape(self.input_name)),
                         list(self.engine.get_tensor_shape(self.output_name)), options)
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))

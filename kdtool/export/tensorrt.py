@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdtool.bundle import BundleMismatch
 from kdtool.errors import KdtoolError
 from kdtool.recipe import TensorRTConfig
 
@@ -60,7 +61,7 @@ def check_engine_target(built_for: dict, here: dict, engine_file: str) -> None:
     differences = [f"{key.replace('_', ' ')} {built_for.get(key)} (here {here[key]})"
                    for key in ("tensorrt_version", "gpu", "compute_capability") if built_for.get(key) != here[key]]
     if differences:
-        raise KdtoolError(f"engine {engine_file} was built for another target: {'; '.join(differences)}; {REBUILD_HINT}")
+        raise BundleMismatch(f"engine {engine_file} was built for another target: {'; '.join(differences)}; {REBUILD_HINT}")
 
 
 def _strongly_typed_network(trt, builder):
