@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from conftest import one_line_error
-from figures import FAULTS
 from kdtool.errors import KdtoolError
 from kdtool.export import export_bundle
 from kdtool.export.tensorrt import check_engine_target
@@ -74,4 +73,3 @@ def test_engine_from_another_tensorrt_version(bundle):
     assert "\n" not in message and "model.trt_fp16.engine" in message and "8.6.1 (here 10.3.0)" in message
     assert "--rebuild" in message and refused.value.exit_code == 2
     assert "tensorrt" not in sys.modules  # the check needs no TensorRT install
-    assert FAULTS["corrupt"].trials == 6
