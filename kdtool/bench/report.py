@@ -82,7 +82,8 @@ def build_report(bundle, settings, eval_set, runtimes: list[dict], timing: list[
         "skipped": outcome.skipped,
         "failed": outcome.failed,
         "gate": {
-            "passed": (not failures and not outcome.failed) if checked else None,
+            # False when anything failed or could not run; None when nothing could be checked here
+            "passed": False if failures or outcome.failed else (True if checked else None),
             "checked": checked,
             "not_checked": not_checked,
             "max_top1_drop": dict(bundle.recipe.bench.gate.max_top1_drop),
@@ -97,7 +98,7 @@ def gate_verdict(gate: dict) -> str:
     if gate["passed"] is None:
         verdict = "gate not applied: no artefact could be checked here"
     else:
-        verdict = f"gate {'passed' if gate['passed'] else 'FAILED'} for {', '.join(gate['checked'])}"
+        verdict = f"gate {'passed' if gate['passed'] else 'FAILED'} for {', '.join(gate['checked']) or 'no artefact'}"
     if gate["not_checked"]:
         verdict += "; not checked here: " + "; ".join(f"{key} ({why})" for key, why in gate["not_checked"].items())
     return verdict
