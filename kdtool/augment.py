@@ -1,23 +1,35 @@
-"""JDA (Joint Data Augmentation): fixed AutoAugment-style op chains, batched on tensors.
+"""JDA (Joint Data Augmentation): the authors' op chains, made in the paper's order, batched on tensors.
 
-Each op of a policy's chain fires independently per sample with probability ``p`` at a fixed
-magnitude; ops with a direction (contrast, brightness, sharpness, colour, shear, translate) draw
-a random sign per sample, so the factor is ``1 ± m``. Geometric ops fill with grey 128.
+A view is made as in the authors' code (liwei-group/CCD, ``data/datasets.py``,
+``PolicyDatasetC100.__getitem__``): the policy's op chain runs on the whole, uncropped image,
+then the dataset's own random transform (CIFAR / digits: a random crop with zero padding and,
+where the dataset flips, a horizontal flip; ImageFolder: RandomResizedCrop + flip) is drawn
+independently for the original and for each view. At p = 0 the views are independent crops of
+the image, never copies. Every draw (crop offsets, flips, which op fires, its sign) is a pure
+function of (seed, epoch, index, view), so a run stopped mid-epoch resumes to the same views.
+
+Where a dataset's images share one size (digits, CIFAR-100) the loader hands over the uncropped
+uint8 images with one random key per sample, and :class:`TrainViews` makes the chain, the crops
+and the flips on the batch, on the accelerator's device. Where sizes differ (ImageFolder) the
+loader workers run :class:`LoaderViews` on the full decoded image and crop each view there.
+
+Each op of a chain fires independently per sample with probability ``p`` at a fixed magnitude
+(the authors' grid value); ops with a direction (contrast, brightness, sharpness, colour, shear,
+translate) draw a random sign per sample, so the factor is ``1 ± m``. Geometric ops fill with
+grey 128; rotate turns one way (the later flip makes it ±θ, as in the authors' code).
 
 The ops follow Pillow's uint8 algorithms (``ImageOps``, ``ImageEnhance``, ``Image.transform``)
-on a float batch ``(N, C, H, W)`` in [0, 1] (C = 3 or 1), on whatever device it lives on,
-without per-image Python loops. The rows on which at least one op fires are rounded once to
-the 1/255 grid and held as uint8 on the 0..255 scale; each op runs only on the rows where it
-fires, with Pillow's integer/float32/float64 arithmetic, rounding and truncation (mostly as
-exact integer maths or lookups in tables computed with that arithmetic), and the rows come
-back as ``value / 255``. So a row is touched only by the ops that fire on it and a row on which
-nothing fires comes back bit-exactly unchanged. On the CPU the touched rows go through the
-chain in blocks of a few MiB so that the temporaries stay in the caches; on other devices the
-whole batch is one block (no per-sample host synchronisation).
+on uint8 batches ``(N, C, H, W)`` (C = 3 or 1), on whatever device they live on, without
+per-image Python loops: Pillow's integer/float32/float64 arithmetic, rounding and truncation,
+mostly as exact integer maths or lookups in tables computed with that arithmetic. Each op runs
+only on the rows where it fires; a row on which nothing fires comes back unchanged. On the CPU
+the touched rows go through the chain in blocks of a few MiB so that the temporaries stay in the
+caches; on other devices the whole batch is one block (no per-sample host synchronisation).
 
-Batch layout of :func:`joint_batch` (what the trainer, teacher and loss rely on)::
+Batch layout of :class:`TrainViews` and :func:`joint_batch` (what the trainer, teacher and loss
+rely on)::
 
-    rows [0, B)                  the B originals, unchanged
+    rows [0, B)                  the B originals
     rows [B + v*B, B + (v+1)*B)  augmented view v+1 of originals 0..B-1 (v = 0..V-1)
 
 i.e. ``(B * (1 + V), C, H, W)``; augmented sample ``v*B + i`` is view ``v+1`` of original ``i``
@@ -28,14 +40,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .errors import KdtoolError, Registry
 
 __all__ = [
-    "Op", "Policy", "POLICIES", "JDAParams", "JointAugment", "build_jda", "joint_batch",
+    "Op", "Policy", "POLICIES", "JDAParams", "JointAugment", "LoaderViews", "TrainViews", "build_jda",
+    "build_train_views", "crop_flip", "joint_batch",
 ]
 
 _GREY = 128.0
@@ -58,35 +72,56 @@ class Policy:
     p: float
 
 
-def _chain(*ops: tuple) -> tuple[Op, ...]:
-    return tuple(Op(*op) for op in ops)
+# The authors' magnitude grids (``SubPolicy.ranges`` in liwei-group/CCD data/datasets.py): the
+# very float64 values of numpy's linspace, indexed as in their policies.
+_GRIDS = {
+    "shearX": np.linspace(0, 0.3, 10),
+    "shearY": np.linspace(0, 0.3, 10),
+    "translateX": np.linspace(0, 150 / 331, 10),  # x the image width
+    "translateY": np.linspace(0, 150 / 331, 10),  # x the image height
+    "rotate": np.linspace(0, 30, 10),  # degrees
+    "color": np.linspace(0.0, 0.9, 10),
+    "contrast": np.linspace(0.0, 0.9, 10),
+    "sharpness": np.linspace(0.0, 0.9, 10),
+    "brightness": np.linspace(0.0, 0.9, 10),
+    "posterize": np.round(np.linspace(8, 4, 10), 0).astype(int),  # bits kept
+    "solarize": np.linspace(256, 0, 10),  # threshold
+}
 
 
-# Magnitudes as DESIGN.md lists them (the reference derives them from np.linspace grids).
+def _chain(*ops: tuple[str, int]) -> tuple[Op, ...]:
+    """(op, grid index) pairs, as the authors list them -> Ops with the grid's exact magnitude."""
+    return tuple(Op(name, float(_GRIDS[name][index]) if name in _GRIDS else 0.0) for name, index in ops)
+
+
+# PolicyDatasetC100, PolicyDatasetC10 and PolicyDatasetImageNet (the index of an op without a
+# magnitude is kept as the authors wrote it; it selects nothing).
 _CIFAR100 = _chain(
-    ("autocontrast",), ("contrast", 0.3), ("posterize", 8), ("solarize", 142),
-    ("translateY", 0.40), ("shearX", 0.17), ("brightness", 0.3), ("shearY", 0.0),
-    ("translateX", 0.05), ("sharpness", 0.5), ("invert",), ("color", 0.4), ("equalize",),
-    ("rotate", 10.0),
+    ("autocontrast", 2), ("contrast", 3), ("posterize", 0), ("solarize", 4), ("translateY", 8),
+    ("shearX", 5), ("brightness", 3), ("shearY", 0), ("translateX", 1), ("sharpness", 5),
+    ("invert", 4), ("color", 4), ("equalize", 8), ("rotate", 3),
 )
 _CIFAR10 = _chain(
-    ("invert",), ("rotate", 6.7), ("shearY", 0.27), ("posterize", 4), ("autocontrast",),
-    ("color", 0.3), ("sharpness", 0.9), ("equalize",), ("contrast", 0.7), ("translateY", 0.15),
-    ("brightness", 0.6), ("solarize", 199), ("translateX", 0.15), ("shearX", 0.27),
+    ("invert", 7), ("rotate", 2), ("shearY", 8), ("posterize", 9), ("autocontrast", 8), ("color", 3),
+    ("sharpness", 9), ("equalize", 5), ("contrast", 7), ("translateY", 3), ("brightness", 6),
+    ("solarize", 2), ("translateX", 3), ("shearX", 8),
 )
 _IMAGENET = _chain(
-    ("posterize", 4), ("solarize", 114), ("equalize",), ("posterize", 5), ("equalize",),
-    ("equalize",), ("solarize", 171), ("posterize", 6), ("rotate", 10.0), ("equalize",),
-    ("rotate", 26.7), ("rotate", 30.0), ("equalize",), ("invert",), ("color", 0.4),
-    ("rotate", 26.7), ("color", 0.8), ("sharpness", 0.7), ("shearX", 0.17), ("color", 0.0),
-    ("equalize",), ("solarize", 114), ("invert",), ("color", 0.4), ("equalize",),
+    ("posterize", 8), ("solarize", 5), ("equalize", 8), ("posterize", 7), ("equalize", 7),
+    ("equalize", 4), ("solarize", 3), ("posterize", 5), ("rotate", 3), ("equalize", 8),
+    ("rotate", 8), ("rotate", 9), ("equalize", 7), ("invert", 4), ("color", 4),
+    ("rotate", 8), ("color", 8), ("sharpness", 7), ("shearX", 5), ("color", 0),
+    ("equalize", 7), ("solarize", 5), ("invert", 4), ("color", 4), ("equalize", 8),
 )
 
 POLICIES: Registry[Policy] = Registry("JDA policy", {
     "cifar100": Policy("cifar100", _CIFAR100, 0.3),
     "cifar10": Policy("cifar10", _CIFAR10, 0.5),
     "imagenet": Policy("imagenet", _IMAGENET, 0.2),
+    # Not a policy of its own: the CIFAR-100 chain and p under the quickstart's dataset name.
     "digits": Policy("digits", _CIFAR100, 0.3),
+    # The paper's 'single rotating' baseline: each view turned by 90, 180 or 270 degrees.
+    "rotation": Policy("rotation", (Op("rot90"),), 1.0),
 })
 
 
@@ -443,6 +478,15 @@ def _shear_y(x, m, sign):
     return _shear_rows(x.view(n * c, h, w), m * sign, transposed=True).view_as(x)
 
 
+def _rot90(x, m, turns):
+    """`turns` quarter turns counter-clockwise (Image.transpose ROTATE_90/180/270): exact, no fill."""
+    h, w = x.shape[2:]
+    if h != w and turns % 2 and x.shape[0] > 1:
+        raise KdtoolError(f"JDA rot90 turns a batch of {h}x{w} images: a batch must be square "
+                          f"(images of other shapes are turned one at a time in the loader)")
+    return torch.rot90(x, int(turns), (2, 3)).contiguous()
+
+
 _OPS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "autocontrast": _autocontrast,
     "contrast": _contrast,
@@ -458,9 +502,20 @@ _OPS: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
     "color": _color,
     "equalize": _equalize,
     "rotate": _rotate,
+    "rot90": _rot90,
 }
 _SIGNED_OPS = frozenset({"contrast", "brightness", "sharpness", "color", "shearX", "shearY",
                          "translateX", "translateY"})
+
+
+def _variants(name: str) -> tuple[float, ...]:
+    """The random variants an op draws from, as the third argument of its function: the sign of
+    a signed op, the quarter turns of rot90, else a single (unused) 1."""
+    if name in _SIGNED_OPS:
+        return (-1.0, 1.0)
+    if name == "rot90":
+        return (1.0, 2.0, 3.0)
+    return (1.0,)
 
 
 def _is_identity(name: str, m: float, sign: float, h: int, w: int) -> bool:
@@ -503,22 +558,47 @@ def _scatter_rows(work: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> No
     _row_words(work).index_copy_(0, rows, _row_words(x.contiguous()))
 
 
-# ---------------------------------------------------------------- public API
+def _host_rows(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(mask.nonzero()[0]).to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------- draws
 @dataclass
 class JDAParams:
-    """The random draws for n samples: which op fires on which sample, and its sign."""
+    """The random draws for n samples: which op fires on which sample, and its variant (the
+    index into the op's variants: sign -1/+1 for signed ops, 1/2/3 quarter turns for rot90)."""
 
     fire: torch.Tensor  # bool (n, n_ops)
-    sign: torch.Tensor  # float (n, n_ops), each ±1
+    variant: torch.Tensor  # int64 (n, n_ops)
 
     def __len__(self) -> int:
         return self.fire.shape[0]
 
     def rows(self, index: slice) -> "JDAParams":
         """The draws for a slice of the samples (e.g. this process's share of a global batch)."""
-        return JDAParams(self.fire[index], self.sign[index])
+        return JDAParams(self.fire[index], self.variant[index])
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_SLOTS_PER_VIEW = 256  # counters per view: 3 for crop/flip, then fire and variant per op
+
+
+def key_uniforms(keys: np.ndarray, view: int, slots: int) -> np.ndarray:
+    """float64 (n, slots) in [0, 1): uniforms of SplitMix64 from each key, a pure function of
+    (key, view, slot). The loader draws one key per sample from (seed, epoch, index)."""
+    if slots > _SLOTS_PER_VIEW:
+        raise KdtoolError(f"JDA needs {slots} draws per view, at most {_SLOTS_PER_VIEW}")
+    counter = np.arange(view * _SLOTS_PER_VIEW + 1, view * _SLOTS_PER_VIEW + 1 + slots, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as SplitMix64 requires
+        z = keys.astype(np.uint64).reshape(-1, 1) + counter * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+# ---------------------------------------------------------------- public API
 class JointAugment:
     """A JDA policy with its firing probability: ``sample`` draws, ``apply`` augments."""
 
@@ -536,82 +616,93 @@ class JointAugment:
             raise KdtoolError(f"JDA p must be in [0, 1], got {p}")
         self.policy = policy
         self.p = p
+        self._variant_counts = [len(_variants(op.name)) for op in policy.ops]
 
     def __repr__(self) -> str:
         return f"JointAugment({self.policy.name!r}, p={self.p})"
 
+    def params(self, fire_uniforms, variant_uniforms) -> JDAParams:
+        """Draws from uniforms in [0, 1) (n, n_ops) (tensors or numpy): fire where u < p, and
+        variant floor(u * the op's number of variants)."""
+        fire_u, variant_u = torch.as_tensor(fire_uniforms), torch.as_tensor(variant_uniforms)
+        counts = torch.tensor(self._variant_counts, device=variant_u.device, dtype=variant_u.dtype)
+        return JDAParams(fire_u < self.p, (variant_u * counts).floor_().long())
+
     def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> JDAParams:
-        """Draw firing masks and signs for n samples from `generator` (on its device)."""
+        """Draw firing masks and variants for n samples from `generator` (on its device;
+        torch's default CPU generator when None)."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         shape = (n, len(self.policy.ops))
-        fire = torch.rand(shape, generator=generator, device=gen_device) < self.p
-        sign = torch.randint(0, 2, shape, generator=generator, device=gen_device).float() * 2 - 1
-        if device is not None:
-            fire, sign = fire.to(device), sign.to(device)
-        return JDAParams(fire, sign)
+        drawn = self.params(torch.rand(shape, generator=generator, device=gen_device),
+                            torch.rand(shape, generator=generator, device=gen_device))
+        return drawn if device is None else JDAParams(drawn.fire.to(device), drawn.variant.to(device))
+
+    def _check(self, images: torch.Tensor, params: JDAParams, dtype_ok: bool, expected: str) -> None:
+        if images.ndim != 4 or not dtype_ok or images.shape[1] not in (1, 3):
+            raise KdtoolError(f"JDA expects {expected} images (N, C in {{1, 3}}, H, W), got "
+                              f"{images.dtype} {tuple(images.shape)}")
+        shape = (images.shape[0], len(self.policy.ops))
+        if tuple(params.fire.shape) != shape or tuple(params.variant.shape) != shape:
+            raise KdtoolError(f"JDA params have shape {tuple(params.fire.shape)}, expected {shape}")
+
+    def _groups(self, fire: np.ndarray, variant: np.ndarray, h: int, w: int) -> list[tuple]:
+        """(op function, magnitude, variant argument, host mask of the rows it runs on), in
+        chain order, leaving out what changes nothing."""
+        groups = []
+        for k, op in enumerate(self.policy.ops):
+            for v, argument in enumerate(_variants(op.name)):
+                if not _is_identity(op.name, op.magnitude, argument, h, w):
+                    groups.append((_OPS[op.name], op.magnitude, argument, fire[:, k] & (variant[:, k] == v)))
+        return groups
+
+    def _run_chain(self, work: torch.Tensor, fire: np.ndarray, variant: np.ndarray) -> torch.Tensor:
+        """The chain on uint8 rows `work` (contiguous, owned: it may be overwritten), with the
+        host draws of those rows; returns the result (in `work` when the shape is kept)."""
+        groups = self._groups(fire, variant, *work.shape[2:])
+        n = len(work)
+        block = max(1, _CPU_BLOCK_BYTES // work[0].numel()) if work.device.type == "cpu" else n
+        for start in range(0, n, block):
+            end = min(start + block, n)
+            part = work[start:end]
+            for fn, magnitude, argument, chosen in groups:
+                rows = chosen[start:end]
+                if rows.all():
+                    part = fn(part, magnitude, argument)
+                elif rows.any():
+                    at = _host_rows(rows, work.device)
+                    _scatter_rows(part, at, fn(_gather_rows(part, at), magnitude, argument))
+            if end - start == n:
+                return part
+            work[start:end] = part
+        return work
+
+    def apply_u8(self, images: torch.Tensor, params: JDAParams) -> torch.Tensor:
+        """Augment uint8 images (N, C, H, W) with the draws in `params` (N rows): a new tensor."""
+        self._check(images, params, images.dtype == torch.uint8, "uint8")
+        # One device->host copy of the draws per batch; row indices go back asynchronously.
+        fire, variant = params.fire.cpu().numpy(), params.variant.cpu().numpy()
+        touched = fire.any(1)
+        if touched.all():
+            return self._run_chain(images.contiguous().clone(), fire, variant)
+        out = images.contiguous().clone()
+        if touched.any():
+            at = _host_rows(touched, images.device)
+            _scatter_rows(out, at, self._run_chain(_gather_rows(out, at), fire[touched], variant[touched]))
+        return out
 
     def apply(self, images: torch.Tensor, params: JDAParams) -> torch.Tensor:
-        """Augment float images in [0, 1] (N, C, H, W) with the draws in `params` (N rows)."""
-        if images.ndim != 4 or not images.is_floating_point() or images.shape[1] not in (1, 3):
-            raise KdtoolError(f"JDA expects float images (N, C in {{1, 3}}, H, W), got "
-                              f"{images.dtype} {tuple(images.shape)}")
-        expected = (images.shape[0], len(self.policy.ops))
-        if tuple(params.fire.shape) != expected or tuple(params.sign.shape) != expected:
-            raise KdtoolError(f"JDA params have shape {tuple(params.fire.shape)}, "
-                              f"expected {expected}")
-        # One device->host copy of the draws per batch; row indices go back asynchronously.
-        fire, sign = params.fire.cpu().numpy(), params.sign.cpu().numpy()
-        touched = fire.any(1).nonzero()[0]
-        if len(touched) == 0:
-            return images.clone()
-        every_row = len(touched) == len(images)
-        # One host mask per (op, sign) group: the rows of `touched` it fires on.
-        groups = []
-        h, w = images.shape[2:]
-        for k, op in enumerate(self.policy.ops):
-            for op_sign in ((-1.0, 1.0) if op.name in _SIGNED_OPS else (None,)):
-                if not _is_identity(op.name, op.magnitude, op_sign or 1.0, h, w):
-                    chosen = fire[touched, k]
-                    if op_sign is not None:
-                        chosen = chosen & ((sign[touched, k] > 0) == (op_sign > 0))
-                    groups.append((_OPS[op.name], op.magnitude, op_sign or 1.0, chosen))
-        out = torch.empty_like(images) if every_row else images.clone()
-        # On the CPU the touched rows go through the chain in blocks small enough for the
-        # caches (the chain is per-sample, so blocks are independent); elsewhere in one block.
-        row_bytes = images[0].numel()
-        block = max(1, _CPU_BLOCK_BYTES // row_bytes) if images.device.type == "cpu" else len(touched)
-        # One float32 scratch block, reused (fresh large CPU buffers cost page faults).
-        scratch = torch.empty((min(block, len(touched)),) + images.shape[1:], device=images.device)
-        for start in range(0, len(touched), block):
-            end = min(start + block, len(touched))
-            scaled = scratch[:end - start]
-            if every_row:
-                scaled.copy_(images[start:end])
-            else:
-                at = torch.from_numpy(touched[start:end]).to(images.device, non_blocking=True)
-                scaled.copy_(images.index_select(0, at))
-            scaled.mul_(255)  # in float32, as x.float() * 255
-            # The rows stay on the 0..255 integer grid, as uint8, from the first op to the last.
-            work = scaled.round_().clamp_(0, 255).to(torch.uint8)
-            for fn, magnitude, op_sign, chosen in groups:
-                rows = chosen[start:end].nonzero()[0]
-                if len(rows) == end - start:
-                    work = fn(work, magnitude, op_sign)
-                elif len(rows):
-                    rows = torch.from_numpy(rows).to(images.device, non_blocking=True)
-                    _scatter_rows(work, rows, fn(_gather_rows(work, rows), magnitude, op_sign))
-            if every_row and images.dtype == torch.float32:
-                out[start:end].copy_(work).div_(255)
-            else:
-                result = scaled.copy_(work).div_(255).to(images.dtype)
-                if every_row:
-                    out[start:end] = result
-                else:
-                    out.index_copy_(0, at, result)
+        """Augment float images in [0, 1] (N, C, H, W): rows on which an op fires are rounded to
+        the 1/255 grid, augmented in uint8 and come back as value / 255; other rows are copied."""
+        self._check(images, params, images.is_floating_point(), "float")
+        touched = params.fire.any(1).to(images.device)
+        out = images.clone()
+        if bool(touched.any()):
+            rows = images[touched].mul(255).round_().clamp_(0, 255).to(torch.uint8)
+            out[touched] = self.apply_u8(rows, params.rows(touched.cpu())).to(images.dtype).div_(255)
         return out
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample draws for the batch and apply them."""
+        """Sample draws for a float batch and apply them."""
         return self.apply(images, self.sample(len(images), generator, device=images.device))
 
 
@@ -624,10 +715,11 @@ def build_jda(cfg) -> JointAugment | None:
 
 def joint_batch(images: torch.Tensor, augment: JointAugment | None, views: int,
                 params: JDAParams | None) -> torch.Tensor:
-    """[originals; view 1 of all B; ...; view V of all B] -> (B * (1 + V), C, H, W).
+    """[originals; view 1 of all B; ...; view V of all B] -> (B * (1 + V), C, H, W), float.
 
-    `params` covers B * V samples, view-major (row v*B + i is view v+1 of image i); None
-    draws them from the default generator. `augment` None or `views` 0 -> the originals.
+    The chain only, on copies of `images` as they are (no crops: :class:`TrainViews` makes the
+    paper's views). `params` covers B * V samples, view-major; None draws them from the default
+    generator. `augment` None or `views` 0 -> the originals.
     """
     if augment is None or views == 0:
         return images
@@ -642,19 +734,43 @@ def joint_batch(images: torch.Tensor, augment: JointAugment | None, views: int,
     return torch.cat([images, augmented])
 
 
+# ---------------------------------------------------------------- crops and flips on a batch
+def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+              padding: int) -> torch.Tensor:
+    """Per-row torchvision RandomCrop(size=(H, W), padding) + optional horizontal flip, batched.
+
+    Row n is zero-padded by `padding` on each side, cut at (top[n], left[n]) of the padded image
+    (offsets in [0, 2 * padding]) and mirrored where flip[n]. uint8 or float, any device.
+    """
+    n, c, h, w = images.shape
+    rows = (top.view(n, 1) + torch.arange(h, device=images.device).view(1, h)).to(images.device)
+    cols = torch.arange(w, device=images.device).view(1, w)
+    cols = torch.where(flip.view(n, 1).to(images.device), w - 1 - cols, cols) + left.view(n, 1).to(images.device)
+    padded = torch.nn.functional.pad(images, (padding,) * 4) if padding else images
+    out = padded.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * padding))
+    return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+# ---------------------------------------------------------------- views for training
+@dataclass(frozen=True)
+class LoaderViews:
+    """The chain run in the loader workers for datasets whose images differ in size: `views`
+    chained copies of one full uint8 image (3, H, W), each then cropped by the dataset. Draws come
+    from torch's default generator, which SeededSamples seeds per (seed, epoch, index)."""
+
+    augment: JointAugment
+    views: int
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        params = self.augment.sample(self.views)
+        return [self.augment.apply_u8(image[None], params.rows(slice(v, v + 1)))[0] for v in range(self.views)]
+
+
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator for one step's augmentation draws, a pure function of (seed, step)."""
+    """A generator for one step's draws, a pure function of (seed, step)."""
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + step) % (2**63))
     return generator
-
-
-def local_jda_params(augment: JointAugment, views: int, local_batch: int, accelerator, generator: torch.Generator) -> JDAParams:
-    """Draw for the whole global batch and keep this process's rows, so results do not depend on the process count."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    drawn = augment.sample(views * local_batch * world, generator, accelerator.device)
-    take = lambda t: t.view(views, world, local_batch, -1)[:, rank].reshape(views * local_batch, -1)  # noqa: E731
-    return JDAParams(fire=take(drawn.fire), sign=take(drawn.sign))
 
 
 @dataclass
@@ -663,21 +779,69 @@ class TrainViews:
 
     The trainer treats a loader batch's first element as opaque and calls this with it; the
     result is float [0, 1] images on the accelerator's device, laid out ``[originals; view 1; ...]``
-    (not yet normalised). ``views`` is 0 without JDA.
+    (not yet normalised). ``views`` is 0 without JDA. The batch is one of (kdtool.data):
+
+    - ``{"image", "key", "padding", "flip"}``: uncropped uint8 images of one size, one random key
+      per sample, the dataset's crop padding and whether it flips: chain, crops and flips here;
+    - ``{"views"}``: uint8 (B, 1 + V, C, H, W) made in the loader (:class:`LoaderViews`);
+    - a uint8 tensor (B, C, H, W): images used as they are, the chain on copies, draws seeded per
+      (seed, step) over the global batch (a dataset of another kind).
     """
 
     augment: Optional[JointAugment]
     views: int
     seed: int
 
-    def __call__(self, images: torch.Tensor, step: int, accelerator) -> torch.Tensor:
+    @property
+    def in_loader(self) -> Optional[LoaderViews]:
+        """What a dataset of images of differing sizes runs in its loader workers (None: no views)."""
+        return LoaderViews(self.augment, self.views) if self.augment is not None and self.views else None
+
+    def __call__(self, images, step: int, accelerator) -> torch.Tensor:
         device = accelerator.device
-        images = images.to(device, non_blocking=True).float().div_(255)
-        if self.views:
-            generator = step_generator(self.seed, step, device)
-            params = local_jda_params(self.augment, self.views, images.shape[0], accelerator, generator)
-            images = joint_batch(images, self.augment, self.views, params)
-        return images
+        if isinstance(images, dict) and "views" in images:
+            return self._from_loader(images["views"].to(device, non_blocking=True))
+        if isinstance(images, dict):
+            batch, keys = images["image"].to(device, non_blocking=True), images["key"].cpu().numpy()
+            padding, flips = _one_value(images["padding"], "padding"), bool(_one_value(images["flip"], "flip"))
+        else:
+            batch, padding, flips = images.to(device, non_blocking=True), 0, False
+            world, rank = accelerator.num_processes, accelerator.process_index
+            drawn = torch.randint(0, 2**62, (world * len(batch),), generator=step_generator(self.seed, step, torch.device("cpu")))
+            keys = drawn.view(world, len(batch))[rank].numpy()
+        return self._batched(batch, keys, padding, flips)
+
+    def _from_loader(self, stacked: torch.Tensor) -> torch.Tensor:
+        made = stacked.shape[1] - 1
+        if made < self.views:
+            raise KdtoolError(f"the training loader made {made} JDA view(s) per image, {self.views} asked: "
+                              f"this dataset makes its views in the loader (SeededSamples(..., in_loader=train_views.in_loader))")
+        joint = stacked[:, :1 + self.views].transpose(0, 1).reshape(-1, *stacked.shape[2:])
+        return joint.float().div_(255)
+
+    def _batched(self, batch: torch.Tensor, keys: np.ndarray, padding: int, flips: bool) -> torch.Tensor:
+        n_ops = len(self.augment.policy.ops) if self.views else 0
+        parts, top, left, flip = [batch], [], [], []
+        for view in range(1 + self.views):
+            u = key_uniforms(keys, view, 3 + 2 * n_ops)
+            top.append(np.floor(u[:, 0] * (2 * padding + 1)))
+            left.append(np.floor(u[:, 1] * (2 * padding + 1)))
+            flip.append((u[:, 2] < 0.5) & flips)
+            if view:
+                params = self.augment.params(u[:, 3:3 + n_ops], u[:, 3 + n_ops:])
+                parts.append(self.augment.apply_u8(batch, params))
+        as_tensor = lambda values: torch.from_numpy(np.concatenate(values)).to(batch.device, non_blocking=True)  # noqa: E731
+        joint = torch.cat(parts) if self.views else batch
+        cropped = crop_flip(joint, as_tensor(top).long(), as_tensor(left).long(), as_tensor(flip), padding)
+        return cropped.float().div_(255)
+
+
+def _one_value(values: torch.Tensor, name: str) -> int:
+    """The single value a per-sample field of a batch holds (the dataset's padding or flip)."""
+    first = int(values.view(-1)[0])
+    if bool((values != first).any()):
+        raise KdtoolError(f"a training batch mixes samples of different '{name}' (one dataset per loader)")
+    return first
 
 
 def build_train_views(cfg, seed: int) -> TrainViews:

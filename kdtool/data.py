@@ -1,24 +1,38 @@
 """Datasets and transforms: the embedded digits, CIFAR-100 and ImageFolder (ImageNet layout).
 
-Every dataset yields ``(uint8 tensor (3, H, W), int label)``. Normalisation is not done here: the
-trainer and evaluators run it on the device, after JDA, with the `DataInfo` mean/std, so that
-augmentation works on plain [0, 1] images as the method requires.
+Every dataset yields ``(uint8 tensor (3, H, W), int label)``: the validation sets their fixed
+transform, the training sets one draw of their own random transform (random crop, flip). The
+training loop instead reads a training set through :class:`SeededSamples`, which yields what
+JDA needs to make views in the paper's order (the chain on the uncropped image, then the
+dataset's random transform drawn anew for the original and for each view; kdtool.augment):
+
+- images of one size (digits, CIFAR-100): ``{"image": uncropped uint8 (3, H, W), "key": int,
+  "padding": int, "flip": bool}``: the crops, flips and the chain are made on the batch;
+- images of differing sizes (ImageFolder): ``{"views": uint8 (1 + V, 3, S, S)}``, the chain run
+  in the loader worker on the full decoded image, each view then cropped there.
+
+Normalisation is not done here: the trainer and evaluators run it on the device, after JDA, with
+the `DataInfo` mean/std, so that augmentation works on plain [0, 1] images as the method requires.
 """
 from __future__ import annotations
 
+import builtins
+import codecs
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from kdtool.errors import KdtoolError, Registry
-from kdtool.recipe import DataConfig
+from kdtool.recipe import MAX_SEED, DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,19 +58,55 @@ class Datasets:
     info: DataInfo
 
 
-class TensorImages(Dataset):
-    """In-memory uint8 images (N, 3, H, W) and labels, with an optional per-image transform."""
+def _sample_key() -> int:
+    """One random key per sample from torch's default generator (SeededSamples seeds it per
+    (seed, epoch, index)); every random draw of the sample's views derives from it."""
+    return int(torch.randint(0, 2**62, ()))
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
-        self.images, self.labels, self.transform = images, labels, transform
+
+@dataclass(frozen=True)
+class RandomCropFlip:
+    """The random transform of a dataset whose images share one size: torchvision's
+    RandomCrop(size, padding) (zero fill), then a horizontal flip with probability 0.5 if `flip`."""
+
+    padding: int
+    flip: bool
+
+    def transform(self, size: int) -> Callable:
+        crop = v2.RandomCrop(size, padding=self.padding)
+        return v2.Compose([crop, v2.RandomHorizontalFlip()]) if self.flip else crop
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 images (N, 3, H, W) and labels. A training set names its `crop`; `size`
+    resizes each image when it differs (the images stay in memory at their own size)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop: Optional[RandomCropFlip] = None,
+                 size: Optional[int] = None, source: Optional[Path] = None):
+        self.images, self.labels, self.crop, self.source = images, labels, crop, source
+        self.size = size or images.shape[-1]
         self.targets = labels.tolist()
+        self._transform = crop.transform(self.size) if crop else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int):
+    def _image(self, index: int) -> torch.Tensor:
         image = self.images[index]
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+        if tuple(image.shape[-2:]) != (self.size, self.size):
+            image = v2.functional.resize(image, [self.size, self.size], antialias=True)
+        return image
+
+    def __getitem__(self, index: int):
+        image = self._image(index)
+        return (self._transform(image) if self._transform else image), int(self.labels[index])
+
+    def joint_sample(self, index: int, in_loader: Optional[Callable] = None):
+        """The uncropped image, its key and the crop to make views with (`in_loader` unused:
+        images of one size get their views on the batch)."""
+        crop = self.crop or RandomCropFlip(0, False)
+        sample = {"image": self._image(index), "key": _sample_key(), "padding": crop.padding, "flip": crop.flip}
+        return sample, int(self.labels[index])
 
 
 def normalize(images: torch.Tensor, info: DataInfo) -> torch.Tensor:
@@ -68,12 +118,18 @@ def normalize(images: torch.Tensor, info: DataInfo) -> torch.Tensor:
     return (images - mean) / std
 
 
+def _check_split_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise KdtoolError(f"data.split_seed: {seed} is out of range; use 0..{MAX_SEED}")
+
+
 def stratified_subset(targets: Sequence[int], fraction: float, seed: int) -> list[int]:
     """Indices of a seeded, stratified `fraction` of the samples (all when fraction == 1)."""
     if fraction >= 1:
         return list(range(len(targets)))
     from sklearn.model_selection import train_test_split
 
+    _check_split_seed(seed)
     indices = np.arange(len(targets))
     n_classes = len(set(targets))
     keep = max(int(round(fraction * len(targets))), n_classes)
@@ -83,30 +139,48 @@ def stratified_subset(targets: Sequence[int], fraction: float, seed: int) -> lis
     return sorted(chosen.tolist())
 
 
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of a seeded split that keeps every class on both sides, or a
+    KdtoolError naming data.val_fraction / data.split_seed."""
+    from sklearn.model_selection import train_test_split
+
+    _check_split_seed(seed)
+    n_classes = len(np.unique(labels))
+    try:
+        train, val = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:  # a class too small, or a side smaller than the number of classes
+        raise KdtoolError(f"data.val_fraction: {val_fraction} cannot split {len(labels)} images of {n_classes} "
+                          f"classes with every class on both sides ({exc})") from None
+    for side, indices in (("training", train), ("validation", val)):
+        present = len(np.unique(labels[indices]))
+        if present < n_classes:
+            raise KdtoolError(f"data.val_fraction: {val_fraction} leaves the {side} split with {len(indices)} "
+                              f"image(s) of {present} of the {n_classes} classes")
+    return train, val
+
+
 # ------------------------------------------------------------------ digits (embedded)
 def _digits(cfg: DataConfig) -> Datasets:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).float().div(16).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     images = F.interpolate(images, size=(cfg.image_size,) * 2, mode="bilinear", align_corners=False)
     images = images.clamp(0, 1).mul(255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(bunch.target).long()
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=cfg.val_fraction, stratify=bunch.target, random_state=cfg.split_seed
-    )
-    train_images = images[torch.from_numpy(train_idx)]
+    train_idx, val_idx = (torch.from_numpy(i) for i in stratified_split(bunch.target, cfg.val_fraction, cfg.split_seed))
+    train_images = images[train_idx]
     mean = tuple(train_images.float().div(255).mean(dim=(0, 2, 3)).tolist())
     std = tuple(train_images.float().div(255).std(dim=(0, 2, 3)).tolist())
-    pad = max(1, cfg.image_size // 16)
-    train = TensorImages(train_images, labels[torch.from_numpy(train_idx)], v2.RandomCrop(cfg.image_size, padding=pad))
-    val = TensorImages(images[torch.from_numpy(val_idx)], labels[torch.from_numpy(val_idx)])
+    # Digits are not mirror-symmetric: a random crop, no flip.
+    crop = RandomCropFlip(padding=max(1, cfg.image_size // 16), flip=False)
+    train = TensorImages(train_images, labels[train_idx], crop)
+    val = TensorImages(images[val_idx], labels[val_idx])
     info = DataInfo(10, tuple(str(c) for c in bunch.target_names), cfg.image_size, mean, std)
     return Datasets(train, val, info)
 
 
-# ------------------------------------------------------------------ CIFAR-100 (torchvision's files)
+# ------------------------------------------------------------------ CIFAR-100 (the python version's files)
 def _require_root(cfg: DataConfig) -> Path:
     if not cfg.root:
         raise KdtoolError(f"data.root is required for dataset {cfg.name!r}")
@@ -116,56 +190,134 @@ def _require_root(cfg: DataConfig) -> Path:
     return root
 
 
-def _local_cifar100():
+def _numpy_core():
+    return getattr(np, "_core", None) or np.core  # numpy >= 2 renamed numpy.core to numpy._core
+
+
+# Everything the official files (Python 2 pickles of dicts, numpy uint8 arrays) and re-packed
+# copies made with Python 3 need: numpy array and dtype reconstruction, bytes from text, and
+# built-in containers. Any other global is refused, so unpickling cannot run code.
+_CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
+    **{(module, "_reconstruct"): lambda: _numpy_core().multiarray._reconstruct
+       for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: codecs.encode,
+    **{(module, name): (lambda name=name: getattr(builtins, name))
+       for module in ("builtins", "__builtin__") for name in ("list", "dict", "tuple", "set", "frozenset", "bytearray")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An allow-list unpickler: only the globals of `_CIFAR_GLOBALS` resolve."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            return _CIFAR_GLOBALS[module, name]()
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} (not part of a CIFAR-100 file)")
+
+
+def _read_cifar_file(path: Path) -> dict:
+    """A CIFAR-100 python file's dict, read with the allow-list unpickler."""
+    try:
+        with open(path, "rb") as handle:
+            content = _CifarUnpickler(handle, encoding="latin1").load()
+    except FileNotFoundError:
+        raise KdtoolError(f"data.root: {path} not found (CIFAR-100 python files expected; "
+                          f"data.download: true fetches them)") from None
+    except Exception as exc:  # any malformed pickle: truncated, refused global, bad opcode, ...
+        raise KdtoolError(f"data.root: {path} is not a readable CIFAR-100 python file "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(content, dict):
+        raise KdtoolError(f"data.root: {path} is not a CIFAR-100 python file (holds a {type(content).__name__})")
+    return content
+
+
+def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, 32, 32) and fine labels of one CIFAR-100 batch file."""
+    content = _read_cifar_file(path)
+    data, labels = content.get("data"), content.get("fine_labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and isinstance(labels, list) and len(labels) == len(data) and all(isinstance(v, int) for v in labels)):
+        raise KdtoolError(f"data.root: {path} is not a CIFAR-100 batch ('data' uint8 (N, 3072) and N int 'fine_labels')")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.long)
+
+
+def _cifar_class_names(path: Path) -> tuple[str, ...]:
+    names = _read_cifar_file(path).get("fine_label_names")
+    if not (isinstance(names, list) and len(names) == 100 and all(isinstance(n, str) for n in names)):
+        raise KdtoolError(f"data.root: {path} is not CIFAR-100's meta file (100 'fine_label_names')")
+    return tuple(names)
+
+
+def _download_cifar100(root: Path) -> None:
     from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
 
-    class LocalCIFAR100(CIFAR100):
-        """torchvision's CIFAR-100 reader without the per-file MD5 checks.
-
-        torchvision compares every file with the official archive's MD5, which rejects subset or
-        re-packed copies in the same format; the download itself is still checked, and a
-        truncated file still fails when it is unpickled.
-        """
-
-        train_list = [[name, None] for name, _ in CIFAR100.train_list]
-        test_list = [[name, None] for name, _ in CIFAR100.test_list]
-        meta = {**CIFAR100.meta, "md5": None}
-
-        @property
-        def source(self) -> Path:
-            """The file the labels were read from."""
-            return Path(self.root) / self.base_folder / (self.train_list if self.train else self.test_list)[0][0]
-
-    return LocalCIFAR100
+    # The archive is checked against the official MD5 before it is extracted.
+    download_and_extract_archive(CIFAR100.url, str(root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
 
 
 def _cifar100(cfg: DataConfig) -> Datasets:
-    CIFAR100 = _local_cifar100()
-    root = _require_root(cfg)
+    folder = _require_root(cfg) / "cifar-100-python"
+    if cfg.download and not all((folder / name).is_file() for name in ("train", "test", "meta")):
+        _download_cifar100(folder.parent)
+    train_images, train_labels = _cifar_batch(folder / "train")
+    val_images, val_labels = _cifar_batch(folder / "test")
+    names = _cifar_class_names(folder / "meta")
     size = cfg.image_size
-    train_tf = v2.Compose([v2.PILToTensor(), v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.Resize(size, antialias=True)])
-    val_tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True)])
-    try:
-        train = CIFAR100(str(root), train=True, transform=train_tf, download=cfg.download)
-        val = CIFAR100(str(root), train=False, transform=val_tf, download=cfg.download)
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as exc:  # missing or corrupt files
-        raise KdtoolError(f"data.root: CIFAR-100 files under {root} are missing or unreadable ({exc}); data.download: true fetches them") from None
-    return Datasets(train, val, DataInfo(100, tuple(train.classes), size, CIFAR100_MEAN, CIFAR100_STD))
+    # The authors' CIFAR transform: RandomCrop(32, padding=4) + flip (padding scaled with the size).
+    crop = RandomCropFlip(padding=round(4 * size / 32), flip=True)
+    train = TensorImages(train_images, train_labels, crop, size, source=folder / "train")
+    val = TensorImages(val_images, val_labels, size=size, source=folder / "test")
+    return Datasets(train, val, DataInfo(100, names, size, CIFAR100_MEAN, CIFAR100_STD))
 
 
 # ------------------------------------------------------------------ ImageFolder (ImageNet layout)
+def _refuse_repeated_folders(class_dir: Path) -> None:
+    """KdtoolError when a directory link inside a class folder reaches a folder a second time
+    (a loop, or two links to one folder): its images would be counted again and again."""
+    seen: dict[str, str] = {}
+    for folder, _, _ in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise KdtoolError(f"data.root: {folder} is {seen[real]} again (a directory link that loops or repeats "
+                              f"a folder); its images would be counted more than once: remove the link")
+        seen[real] = folder
+
+
+def _folder_reader():
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import make_dataset
+
+    class NoRepeatsImageFolder(ImageFolder):
+        """torchvision's ImageFolder that refuses directory links repeating a folder inside a class."""
+
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            for name in class_to_idx:
+                _refuse_repeated_folders(Path(directory) / name)
+            return make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+
+    return NoRepeatsImageFolder
+
+
+# What Pillow raises on an image it cannot read: OSError (truncated, unknown format) and, for an
+# image larger than Image.MAX_IMAGE_PIXELS * 2, DecompressionBombError (not an OSError).
+_UNREADABLE = (OSError, Image.DecompressionBombError)
+
+
 class CheckedImageFolder(Dataset):
     """torchvision ImageFolder that fails fast, or skips and counts, on unreadable images.
 
     Skipped files are flagged in `unreadable`, a shared-memory tensor, so that flags set in
     DataLoader workers reach the trainer; setting a flag twice is harmless, so workers need no lock.
+    `transform` takes a PIL image or a uint8 tensor to uint8 (3, S, S).
     """
 
     def __init__(self, root: Path, transform: Callable, bad_images: str):
-        from torchvision.datasets import ImageFolder
-
         try:
-            self.folder = ImageFolder(str(root))
+            self.folder = _folder_reader()(str(root))
         except FileNotFoundError as exc:
             empty = _empty_class_folders(root)
             if empty:
@@ -186,18 +338,30 @@ class CheckedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int):
-        path, label = self.folder.samples[index]
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """The decoded image at `index` and its label; with bad_images 'skip', the next readable one."""
         for _ in range(len(self.folder)):
+            path, label = self.folder.samples[index]
             try:
-                return self.transform(self.folder.loader(path)), label
-            except OSError as exc:
+                return self.folder.loader(path), label
+            except _UNREADABLE as exc:
                 if self.bad_images == "fail":
                     raise KdtoolError(f"unreadable image {path}: {exc} (set data.bad_images: skip to skip such files)") from None
                 self.unreadable[index] = True
                 index = (index + 1) % len(self.folder)
-                path, label = self.folder.samples[index]
         raise KdtoolError(f"no readable image under {self.folder.root}")
+
+    def __getitem__(self, index: int):
+        image, label = self._load(index)
+        return self.transform(image), label
+
+    def joint_sample(self, index: int, in_loader: Optional[Callable] = None):
+        """The original and the `in_loader` views of the full decoded image, each cropped by
+        `transform` on its own: ({"views": uint8 (1 + V, 3, S, S)}, label)."""
+        image, label = self._load(index)
+        full = v2.functional.pil_to_tensor(image)
+        views = [full, *(in_loader(full) if in_loader is not None else [])]
+        return {"views": torch.stack([self.transform(view) for view in views])}, label
 
 
 def _empty_class_folders(root: Path) -> list[Path]:
@@ -210,8 +374,9 @@ def _empty_class_folders(root: Path) -> list[Path]:
 def _imagefolder(cfg: DataConfig) -> Datasets:
     root = _require_root(cfg)
     size = cfg.image_size
-    train_tf = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
-    val_tf = v2.Compose([v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+    # PILToTensor first: the same transforms then crop a decoded PIL image or a JDA view (uint8 tensor).
+    train_tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    val_tf = v2.Compose([v2.PILToTensor(), v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)])
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise KdtoolError(f"data.root: {root / split} not found (ImageFolder expects train/ and val/ class folders)")
@@ -232,7 +397,7 @@ def check_labels(dataset: Dataset, num_classes: int, where: str) -> None:
     targets = torch.as_tensor(dataset.targets)
     bad = targets[(targets < 0) | (targets >= num_classes)]
     if len(bad):
-        where = getattr(dataset, "source", where)
+        where = getattr(dataset, "source", None) or where
         raise KdtoolError(f"{where}: label {int(bad[0])} is out of range for {num_classes} classes (0..{num_classes - 1}); "
                           f"{len(bad)} such label(s)")
 
@@ -248,15 +413,25 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     return datasets
 
 
-class SeededSamples(Dataset):
-    """A training set whose random transforms are a pure function of (seed, epoch, index).
+def _innermost(dataset: Dataset, index: int) -> tuple[Dataset, int]:
+    """The dataset under any Subsets, and the index there."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    return dataset, index
 
-    Batches then depend neither on torch's global RNG nor on workers or prefetching, so a run stopped
-    mid-epoch resumes to the very same batches. The trainer calls `set_epoch` before each epoch.
+
+class SeededSamples(Dataset):
+    """A training set read for training: samples whose randomness is a pure function of (seed, epoch, index).
+
+    Each sample is the dataset's ``joint_sample`` (what JDA needs, see the module's docstring;
+    `in_loader` makes the views of images of differing sizes in the loader workers), or for a
+    dataset without one its item. Batches then depend neither on torch's global RNG nor on
+    workers or prefetching, so a run stopped mid-epoch resumes to the very same batches. The
+    trainer calls `set_epoch` before each epoch.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+    def __init__(self, dataset: Dataset, seed: int, in_loader: Optional[Callable] = None):
+        self.dataset, self.seed, self.epoch, self.in_loader = dataset, seed, 0, in_loader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -271,7 +446,10 @@ class SeededSamples(Dataset):
         outside = generator.get_state()
         generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index) % 2**63)
         try:
-            return self.dataset[index]
+            base, base_index = _innermost(self.dataset, index)
+            if hasattr(base, "joint_sample"):
+                return base.joint_sample(base_index, self.in_loader)
+            return base[base_index]
         finally:
             generator.set_state(outside)
 
@@ -284,7 +462,8 @@ def unreadable_flags(dataset: Dataset) -> torch.Tensor | None:
 
 
 def build_loader(dataset: Dataset, cfg: DataConfig, *, train: bool, batch_size: int | None = None) -> DataLoader:
-    """A DataLoader with the recipe's worker and pinned-memory settings (shuffled, full batches for training)."""
+    """A DataLoader with the recipe's worker and pinned-memory settings (shuffled, full batches for training).
+    torch's default collate stacks tensors and batches the dicts of training samples field by field."""
     return DataLoader(
         dataset,
         batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),

@@ -22,6 +22,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from kdtool.augment import (
     POLICIES, JDAParams, JointAugment, Op, Policy, build_jda, joint_batch,
 )
+
+SIGN_VARIANT = {-1.0: 0, 1.0: 1}  # JDAParams.variant of a signed op
 from kdtool.errors import KdtoolError
 from kdtool.recipe import JDAConfig
 
@@ -93,6 +95,9 @@ def _pil_op(img: Image.Image, name: str, m: float, sign: float) -> Image.Image:
     if name == "rotate":
         rot = img.convert("RGBA").rotate(m)
         return Image.composite(rot, Image.new("RGBA", rot.size, (128,) * 4), rot).convert(img.mode)
+    if name == "rot90":  # `sign` holds the quarter turns (counter-clockwise)
+        return img.transpose({1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180,
+                              3: Image.Transpose.ROTATE_270}[int(sign)])
     raise AssertionError(name)
 
 
@@ -109,7 +114,8 @@ def _from_pil(img: Image.Image) -> torch.Tensor:
 def _ours(u8: torch.Tensor, name: str, m: float, sign: float) -> torch.Tensor:
     aug = JointAugment(Policy("one", (Op(name, m),), 1.0))
     n = len(u8)
-    params = JDAParams(torch.ones(n, 1, dtype=torch.bool), torch.full((n, 1), float(sign)))
+    variant = SIGN_VARIANT[sign] if name in SIGNED_OPS else int(sign) - 1 if name == "rot90" else 0
+    params = JDAParams(torch.ones(n, 1, dtype=torch.bool), torch.full((n, 1), variant))
     return (aug.apply(u8.float() / 255, params) * 255).round()
 
 
@@ -129,6 +135,9 @@ OP_CASES = [
     ("color", 0.4), ("color", 0.8), ("shearX", 0.17), ("shearX", 0.27), ("shearY", 0.27),
     ("shearY", 0.0), ("translateX", 0.05), ("translateX", 0.15), ("translateY", 0.40),
     ("translateY", 0.15), ("rotate", 10.0), ("rotate", 26.7), ("rotate", 6.7),
+    # the authors' exact grid values
+    ("shearX", 1 / 6), ("shearY", 0.3 * 8 / 9), ("translateY", 150 / 331 * 8 / 9), ("translateX", 150 / 331 / 9),
+    ("rotate", 20 / 3), ("rotate", 80 / 3), ("solarize", 256 - 256 * 4 / 9), ("solarize", 256 - 256 * 2 / 9),
 ]
 
 
@@ -172,6 +181,13 @@ def test_grayscale_matches_pillow_l_mode(name, m):
     assert ok, f"{name} on L images: {stats}"
 
 
+def _argument(name: str, variant: int) -> float:
+    """What _pil_op takes for a drawn variant: the sign of a signed op, the quarter turns of rot90."""
+    if name in SIGNED_OPS:
+        return (-1.0, 1.0)[variant]
+    return variant + 1.0 if name == "rot90" else 1.0
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_chain_matches_pillow_chain(policy):
     """A whole chain with mixed draws equals the reference's per-image Pillow chain."""
@@ -183,7 +199,7 @@ def test_chain_matches_pillow_chain(policy):
         img = _to_pil(im)
         for k, op in enumerate(aug.policy.ops):
             if params.fire[i, k]:
-                img = _pil_op(img, op.name, op.magnitude, params.sign[i, k].item())
+                img = _pil_op(img, op.name, op.magnitude, _argument(op.name, int(params.variant[i, k])))
         diff = (ours[i] - _from_pil(img)).abs()
         assert diff.mean() <= 0.05 and (diff > 2).float().mean() <= 0.001, (policy, i)
 
@@ -224,32 +240,61 @@ def test_firing_rate_and_signs(p):
     se = math.sqrt(p * (1 - p) / n)
     rates = params.fire.float().mean(0)
     assert ((rates - p).abs() <= 4 * se).all(), rates
-    assert set(params.sign.unique().tolist()) == {-1.0, 1.0}
-    positive = (params.sign > 0).float().mean(0)
+    signed = torch.tensor([op.name in SIGNED_OPS for op in POLICIES["cifar10"].ops])
+    assert set(params.variant[:, signed].unique().tolist()) == {0, 1} and (params.variant[:, ~signed] == 0).all()
+    positive = (params.variant[:, signed] == SIGN_VARIANT[1.0]).float().mean(0)
     assert ((positive - 0.5).abs() <= 4 * math.sqrt(0.25 / n)).all(), positive
 
 
-def test_policies_as_in_design():
-    names = {k: [op.name for op in POLICIES[k].ops] for k in POLICIES}
-    assert names["cifar100"] == [
-        "autocontrast", "contrast", "posterize", "solarize", "translateY", "shearX",
-        "brightness", "shearY", "translateX", "sharpness", "invert", "color", "equalize", "rotate"]
-    assert [op.magnitude for op in POLICIES["cifar100"].ops] == [
-        0, 0.3, 8, 142, 0.40, 0.17, 0.3, 0, 0.05, 0.5, 0, 0.4, 0, 10]
-    assert names["cifar10"] == [
-        "invert", "rotate", "shearY", "posterize", "autocontrast", "color", "sharpness",
-        "equalize", "contrast", "translateY", "brightness", "solarize", "translateX", "shearX"]
-    assert [op.magnitude for op in POLICIES["cifar10"].ops] == [
-        0, 6.7, 0.27, 4, 0, 0.3, 0.9, 0, 0.7, 0.15, 0.6, 199, 0.15, 0.27]
-    assert [(op.name, op.magnitude) for op in POLICIES["imagenet"].ops] == [
-        ("posterize", 4), ("solarize", 114), ("equalize", 0), ("posterize", 5), ("equalize", 0),
-        ("equalize", 0), ("solarize", 171), ("posterize", 6), ("rotate", 10), ("equalize", 0),
-        ("rotate", 26.7), ("rotate", 30), ("equalize", 0), ("invert", 0), ("color", 0.4),
-        ("rotate", 26.7), ("color", 0.8), ("sharpness", 0.7), ("shearX", 0.17), ("color", 0),
-        ("equalize", 0), ("solarize", 114), ("invert", 0), ("color", 0.4), ("equalize", 0)]
-    assert POLICIES["digits"].ops == POLICIES["cifar100"].ops
-    assert {k: (len(v.ops), v.p) for k, v in POLICIES.items()} == {
-        "cifar100": (14, 0.3), "cifar10": (14, 0.5), "imagenet": (25, 0.2), "digits": (14, 0.3)}
+# The authors' policies as (op, grid index) (liwei-group/CCD data/datasets.py) and their grids.
+AUTHORS = {
+    "cifar100": ([("autocontrast", 2), ("contrast", 3), ("posterize", 0), ("solarize", 4), ("translateY", 8),
+                  ("shearX", 5), ("brightness", 3), ("shearY", 0), ("translateX", 1), ("sharpness", 5),
+                  ("invert", 4), ("color", 4), ("equalize", 8), ("rotate", 3)], 0.3),
+    "cifar10": ([("invert", 7), ("rotate", 2), ("shearY", 8), ("posterize", 9), ("autocontrast", 8), ("color", 3),
+                 ("sharpness", 9), ("equalize", 5), ("contrast", 7), ("translateY", 3), ("brightness", 6),
+                 ("solarize", 2), ("translateX", 3), ("shearX", 8)], 0.5),
+    "imagenet": ([("posterize", 8), ("solarize", 5), ("equalize", 8), ("posterize", 7), ("equalize", 7),
+                  ("equalize", 4), ("solarize", 3), ("posterize", 5), ("rotate", 3), ("equalize", 8),
+                  ("rotate", 8), ("rotate", 9), ("equalize", 7), ("invert", 4), ("color", 4),
+                  ("rotate", 8), ("color", 8), ("sharpness", 7), ("shearX", 5), ("color", 0),
+                  ("equalize", 7), ("solarize", 5), ("invert", 4), ("color", 4), ("equalize", 8)], 0.2),
+}
+AUTHORS_GRIDS = {
+    **dict.fromkeys(["shearX", "shearY"], np.linspace(0, 0.3, 10)),
+    **dict.fromkeys(["translateX", "translateY"], np.linspace(0, 150 / 331, 10)),
+    "rotate": np.linspace(0, 30, 10),
+    **dict.fromkeys(["color", "contrast", "sharpness", "brightness"], np.linspace(0.0, 0.9, 10)),
+    "posterize": np.round(np.linspace(8, 4, 10), 0).astype(int),
+    "solarize": np.linspace(256, 0, 10),
+    **dict.fromkeys(["autocontrast", "equalize", "invert"], [0] * 10),
+}
+
+
+@pytest.mark.parametrize("policy", sorted(AUTHORS))
+def test_policies_are_the_authors_with_exact_magnitudes(policy):
+    chain, p = AUTHORS[policy]
+    assert POLICIES[policy].p == p
+    assert [(op.name, op.magnitude) for op in POLICIES[policy].ops] == [
+        (name, float(AUTHORS_GRIDS[name][index])) for name, index in chain]
+
+
+def test_exact_magnitudes_in_design_examples():
+    ops = {op.name: op.magnitude for op in POLICIES["cifar100"].ops}
+    assert ops["shearX"] == 0.3 * 5 / 9 and ops["solarize"] == pytest.approx(142.2, abs=0.05)
+    assert ops["translateY"] == pytest.approx(0.4028, abs=1e-4) and ops["translateX"] == pytest.approx(0.0504, abs=1e-4)
+    assert ops["rotate"] == 10.0 and ops["posterize"] == 8  # index 0 of the posterize grid keeps 8 bits
+    rotations = [op.magnitude for op in POLICIES["imagenet"].ops if op.name == "rotate"]
+    assert rotations == [10.0, 80 / 3, 30.0, 80 / 3]
+
+
+def test_digits_is_the_cifar100_chain_and_rotation_turns_every_view():
+    assert POLICIES["digits"].ops == POLICIES["cifar100"].ops and POLICIES["digits"].p == POLICIES["cifar100"].p
+    assert POLICIES["rotation"].ops == (Op("rot90"),) and POLICIES["rotation"].p == 1.0
+    params = JointAugment("rotation").sample(30000, torch.Generator().manual_seed(0))
+    assert params.fire.all()
+    turns = torch.bincount(params.variant.view(-1), minlength=3).float() / 30000
+    assert len(turns) == 3 and ((turns - 1 / 3).abs() < 4 * math.sqrt(2 / 9 / 30000)).all(), turns
 
 
 def test_joint_batch_layout_and_row_slicing():
@@ -283,7 +328,7 @@ def test_same_seed_same_output_and_other_seed_differs():
 
 
 def test_bad_input():
-    with pytest.raises(KdtoolError, match="cifar10, cifar100, digits, imagenet"):
+    with pytest.raises(KdtoolError, match="cifar10, cifar100, digits, imagenet, rotation"):
         JointAugment("cifar1000")
     for p in (-0.1, 1.5, float("nan")):
         with pytest.raises(KdtoolError):
@@ -300,3 +345,146 @@ def test_build_jda_from_recipe():
     aug = build_jda(JDAConfig(policy="imagenet"))
     assert aug.policy is POLICIES["imagenet"] and aug.p == 0.2
     assert build_jda(JDAConfig(policy="digits", p=0.7)).p == 0.7
+
+
+# ---------------------------------------------------------------- views in the paper's order
+class _Accelerator:
+    """What TrainViews reads of an Accelerator."""
+
+    device = torch.device("cpu")
+    num_processes = 1
+    process_index = 0
+
+
+def _sample_batch(images: torch.Tensor, keys, padding: int, flip: bool) -> dict:
+    """A loader batch of a dataset of one image size, as kdtool.data's training samples collate."""
+    n = len(images)
+    return {"image": images, "key": torch.as_tensor(keys, dtype=torch.long),
+            "padding": torch.full((n,), padding), "flip": torch.full((n,), flip)}
+
+
+def _authors_view(image: torch.Tensor, u: np.ndarray, aug, padding: int, flip: bool) -> torch.Tensor:
+    """The authors' order for one image with Pillow (PolicyDatasetC100.__getitem__): the chain on
+    the whole image (when `aug`), then RandomCrop(size, padding) with zero fill and the flip,
+    at the offsets, flip and firing drawn from `u` (one view's key uniforms)."""
+    img, (h, w) = _to_pil(image), image.shape[1:]
+    if aug is not None:
+        n_ops = len(aug.policy.ops)
+        params = aug.params(u[None, 3:3 + n_ops], u[None, 3 + n_ops:3 + 2 * n_ops])
+        for k, op in enumerate(aug.policy.ops):
+            if params.fire[0, k]:
+                img = _pil_op(img, op.name, op.magnitude, _argument(op.name, int(params.variant[0, k])))
+    top, left = int(u[0] * (2 * padding + 1)), int(u[1] * (2 * padding + 1))
+    img = ImageOps.expand(img, border=padding, fill=0).crop((left, top, left + w, top + h))
+    return _from_pil(ImageOps.mirror(img) if flip and u[2] < 0.5 else img)
+
+
+def _close_to_pillow(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    diff = (ours - ref).abs()
+    return bool(diff.mean() <= 0.05 and (diff > 2).float().mean() <= 0.001)
+
+
+@pytest.mark.parametrize("policy,p", [("cifar100", 0.5), ("imagenet", 0.5), ("rotation", 1.0), ("cifar100", 0.0)])
+def test_views_match_the_authors_order_with_pillow(policy, p):
+    """Originals and views made on the batch equal the authors' per-image Pillow pipeline."""
+    from kdtool.augment import TrainViews, key_uniforms
+
+    images, views, padding = torch.cat([IMAGES["digits32"]] * 2), 2, 4
+    keys = torch.randint(0, 2**62, (len(images),), generator=torch.Generator().manual_seed(5))
+    aug = JointAugment(policy, p=p)
+    ours = (TrainViews(aug, views, seed=0)(_sample_batch(images, keys, padding, True), 0, _Accelerator()) * 255).round()
+    assert ours.shape == (len(images) * (1 + views), 3, 32, 32)
+    for view in range(1 + views):
+        u = key_uniforms(keys.numpy(), view, 3 + 2 * len(aug.policy.ops))
+        for i, image in enumerate(images):
+            ref = _authors_view(image, u[i], aug if view else None, padding, True)
+            assert _close_to_pillow(ours[view * len(images) + i], ref), (policy, view, i)
+
+
+def test_crop_before_the_chain_breaks_tolerance():
+    """Negative control: kdtool's former order (crop and flip once, the chain on that crop) differs
+    from the authors' on most augmented samples."""
+    from kdtool.augment import TrainViews, crop_flip, key_uniforms
+
+    images, padding = IMAGES["digits32"], 4
+    keys = torch.arange(len(images)) * 7919 + 11
+    aug = JointAugment("cifar100", p=1.0)
+    paper = TrainViews(aug, 1, seed=0)(_sample_batch(images, keys, padding, True), 0, _Accelerator())[len(images):]
+    u = key_uniforms(keys.numpy(), 1, 3 + 2 * len(aug.policy.ops))
+    flat = lambda column: torch.from_numpy(column)  # noqa: E731
+    cropped = crop_flip(images, flat(np.floor(u[:, 0] * 9)).long(), flat(np.floor(u[:, 1] * 9)).long(),
+                        flat(u[:, 2] < 0.5), padding)
+    former = aug.apply_u8(cropped, aug.params(u[:, 3:17], u[:, 17:31])).float()
+    agree = [_close_to_pillow(former[i], paper[i] * 255) for i in range(len(images))]
+    assert sum(agree) <= len(images) // 4, agree
+
+
+def test_p0_views_are_independent_crops_not_copies():
+    """At p = 0 a view is the original only when its drawn crop and flip happen to coincide:
+    1 / ((2 * padding + 1)^2 * 2) of the samples."""
+    from kdtool.augment import TrainViews
+
+    n, padding = 3000, 2
+    images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    keys = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(1))
+    joint = TrainViews(JointAugment("cifar100", p=0.0), 1, seed=0)(_sample_batch(images, keys, padding, True), 0,
+                                                                  _Accelerator())
+    copies = (joint[:n] == joint[n:]).flatten(1).all(1).float().mean().item()
+    expected = 1 / ((2 * padding + 1) ** 2 * 2)
+    assert abs(copies - expected) <= 4 * math.sqrt(expected * (1 - expected) / n), copies
+
+
+def test_views_are_a_pure_function_of_the_sample():
+    """(seed, epoch, index, view) -> the same view, whatever the batch holds; another epoch differs."""
+    from kdtool.augment import TrainViews
+    from kdtool.data import RandomCropFlip, SeededSamples, TensorImages
+    from torch.utils.data import default_collate
+
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    samples = SeededSamples(TensorImages(images, torch.arange(6), RandomCropFlip(2, True)), seed=3)
+    views = TrainViews(JointAugment("cifar100", p=0.5), 2, seed=3)
+
+    def joint(order):
+        batch, _ = default_collate([samples[i] for i in order])
+        return views(batch, step=0, accelerator=_Accelerator()).view(3, len(order), 3, 16, 16)
+
+    samples.set_epoch(1)
+    a, b = joint([0, 1, 2, 3, 4, 5]), joint([5, 3, 1])
+    assert torch.equal(a[:, [5, 3, 1]], b)
+    samples.set_epoch(2)
+    assert not torch.equal(joint([5, 3, 1]), b)
+
+
+def test_plain_tensor_batches_are_seeded_per_step():
+    """A loader that yields plain images (a dataset without joint samples): draws per (seed, step)."""
+    from kdtool.augment import TrainViews
+
+    images = IMAGES["digits32"]
+    views = TrainViews(JointAugment("cifar100", p=0.5), 1, seed=0)
+    a, b = views(images, 7, _Accelerator()), views(images, 7, _Accelerator())
+    assert torch.equal(a, b) and not torch.equal(a, views(images, 8, _Accelerator()))
+    assert torch.equal(a[:len(images)] * 255, images.float())  # no crop: the images as they are
+
+
+def test_views_from_the_loader_are_laid_out_view_major():
+    from kdtool.augment import TrainViews
+
+    stacked = torch.randint(0, 256, (4, 3, 3, 8, 8), dtype=torch.uint8)  # B = 4, original + 2 views
+    joint = TrainViews(JointAugment("imagenet"), 2, seed=0)({"views": stacked}, 0, _Accelerator())
+    assert torch.equal(joint.view(3, 4, 3, 8, 8), stacked.transpose(0, 1).float() / 255)
+    assert torch.equal(TrainViews(None, 0, 0)({"views": stacked}, 0, _Accelerator()), stacked[:, 0].float() / 255)
+    with pytest.raises(KdtoolError, match="in_loader"):
+        TrainViews(JointAugment("imagenet"), 1, seed=0)({"views": stacked[:, :1]}, 0, _Accelerator())
+
+
+def test_rot90_turns_square_batches_and_single_images_of_any_shape():
+    from kdtool.augment import LoaderViews
+
+    aug = JointAugment("rotation")
+    wide = torch.arange(2 * 3 * 4 * 6, dtype=torch.uint8).view(2, 3, 4, 6)
+    with pytest.raises(KdtoolError, match="square"):
+        aug.apply_u8(wide, JDAParams(torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 1, dtype=torch.long)))
+    torch.manual_seed(0)
+    turned = LoaderViews(aug, 3)(wide[0])
+    for view in turned:
+        assert any(torch.equal(view, torch.rot90(wide[0], k, (1, 2))) for k in (1, 2, 3))

@@ -76,7 +76,7 @@ def test_cifar100_corrupt_or_missing(tmp_path):
     with pytest.raises(KdtoolError, match="dataset root not found"):
         build_datasets(DataConfig(name="cifar100", root=str(tmp_path / "nowhere")))
     write_cifar100(tmp_path / "bad", corrupt=True)
-    with pytest.raises(KdtoolError, match="missing or unreadable"):
+    with pytest.raises(KdtoolError, match="train is not a readable CIFAR-100 python file"):
         build_datasets(DataConfig(name="cifar100", root=str(tmp_path / "bad")))
 
 
