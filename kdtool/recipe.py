@@ -168,7 +168,9 @@ METHOD_SETTINGS: dict[str, type[MethodConfig]] = {
 
 
 class JDAConfig(_Section):
-    policy: Optional[str] = Field(None, description="cifar100 | cifar10 | imagenet | digits; null = off")
+    policy: Optional[str] = Field(None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits "
+                                  "(the CIFAR-100 chain, under the quickstart's name) | rotation (views turned by "
+                                  "90/180/270 degrees); null = off")
     p: Optional[float] = Field(None, ge=0, le=1, description="firing probability; null = the policy's")
     views: int = Field(1, ge=1, le=8, description="augmented views per original image")
     teacher_sees_views: bool = True
