@@ -68,7 +68,7 @@ def onnx_models(model: torch.nn.Module, workdir: Path, name: str, calibration: n
 
 
 def ort_latency(path: Path, images: np.ndarray, batch_size: int) -> float:
-    session = ort_session(path)
+    session = ort_session(path, threads=torch.get_num_threads())  # the threads OpenVINO gets too
     batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
     return median_seconds(lambda: session.run(None, {"images": batch}))
 
