@@ -18,9 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-
-from kdtool.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu

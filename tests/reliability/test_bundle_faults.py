@@ -26,7 +26,7 @@ from conftest import one_line_error
 from kdtool.bundle import bundle_lock, find_latest_bundle, lock_file, read_manifest
 from kdtool.export import export_bundle, export_onnx
 from kdtool.io import sha256_file
-from runs import MICRO, REPO, reference, set_args  # noqa: F401
+from runs import REPO, reference, set_args  # noqa: F401
 
 FP32_ONLY = ["export.int8.enabled=false", "export.fp16=false"]
 FAST_BENCH = ["--iters", "1", "--batch", "1", "--no-progress"]
