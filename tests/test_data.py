@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -118,3 +119,83 @@ def test_imagefolder_bad_files(tmp_path):
 def test_unknown_dataset_lists_known():
     with pytest.raises(KdtoolError, match="unknown dataset 'digit' .*did you mean 'digits'.*known: cifar100, digits, imagefolder"):
         build_datasets(DataConfig(name="digit"))
+
+
+# ------------------------------------------------------------------ what the training loop reads
+class _Accelerator:
+    device = torch.device("cpu")
+    num_processes = 1
+    process_index = 0
+
+
+def test_training_samples_of_one_size_are_uncropped_with_a_seeded_key():
+    from kdtool.data import SeededSamples
+
+    data = build_datasets(DataConfig(name="digits", train_fraction=0.5))
+    samples = SeededSamples(data.train, seed=4)
+    sample, label = samples[3]
+    assert torch.equal(sample["image"], data.train.dataset.images[data.train.indices[3]])  # uncropped
+    assert (sample["padding"], sample["flip"], label) == (2, False, data.train.dataset.targets[data.train.indices[3]])
+    assert samples[3][0]["key"] == sample["key"] != samples[4][0]["key"]
+    samples.set_epoch(1)
+    assert samples[3][0]["key"] != sample["key"]
+
+
+def test_cifar100_training_samples_pad_4_and_flip(tmp_path):
+    from kdtool.data import SeededSamples
+
+    write_cifar100(tmp_path)
+    sample, _ = SeededSamples(build_datasets(DataConfig(name="cifar100", root=str(tmp_path))).train, seed=0)[0]
+    assert sample["image"].shape == (3, 32, 32) and (sample["padding"], sample["flip"]) == (4, True)
+
+
+def test_imagefolder_views_are_made_in_the_loader_on_the_full_image(tmp_path):
+    """Each view is the chain on the whole decoded image, then the dataset's crop; the sample holds the stack."""
+    from torchvision.transforms import v2
+
+    from kdtool.augment import JointAugment, LoaderViews, TrainViews
+    from kdtool.data import CheckedImageFolder, SeededSamples
+
+    write_imagefolder(tmp_path, size=(40, 30))
+    fixed = v2.Compose([v2.PILToTensor(), v2.Resize(24, antialias=True), v2.CenterCrop(24)])  # no randomness
+    folder = CheckedImageFolder(tmp_path / "train", fixed, "fail")
+    samples = SeededSamples(folder, seed=0, in_loader=LoaderViews(JointAugment("rotation"), 2))
+    sample, label = samples[5]
+    full = v2.functional.pil_to_tensor(Image.open(folder.folder.samples[5][0]).convert("RGB"))
+    assert sample["views"].shape == (3, 3, 24, 24) and label == 1
+    assert torch.equal(sample["views"][0], fixed(full))
+    turned = [fixed(torch.rot90(full, k, (1, 2))) for k in (1, 2, 3)]  # turned before the crop
+    for view in sample["views"][1:]:
+        assert any(torch.equal(view, candidate) for candidate in turned)
+    assert torch.equal(samples[5][0]["views"], sample["views"])
+
+
+def test_imagefolder_training_batches_become_joint_batches(tmp_path):
+    from kdtool.augment import JointAugment, LoaderViews, TrainViews
+    from kdtool.data import SeededSamples
+
+    write_imagefolder(tmp_path)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=4)
+    train = build_datasets(cfg).train
+    views = TrainViews(JointAugment("imagenet", p=0.5), 1, seed=0)
+    batch, labels = next(iter(build_loader(SeededSamples(train, 0, views.in_loader), cfg, train=True)))
+    joint = views(batch, 0, _Accelerator())
+    assert joint.shape == (8, 3, 16, 16) and joint.dtype == torch.float32 and labels.shape == (4,)
+    assert torch.equal(joint[:4], batch["views"][:, 0].float() / 255)
+    plain, _ = next(iter(build_loader(SeededSamples(train, 0), cfg, train=True)))
+    with pytest.raises(KdtoolError, match="in_loader"):
+        views(plain, 0, _Accelerator())
+
+
+@pytest.mark.xfail(strict=True, reason="kdtool/train/loop.py prepare() builds SeededSamples(datasets.train, seed) "
+                                        "without in_loader=train_views.in_loader (requested of the loop's owner)")
+def test_imagefolder_distillation_with_jda(tmp_path, cli_runner):
+    """End to end: needs the training loop to pass its views to SeededSamples (in_loader)."""
+    from conftest import TINY
+
+    write_imagefolder(tmp_path / "images", per_class=6)
+    overrides = [*TINY, "data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.batch_size=4",
+                 "data.train_fraction=1", "train.epochs=1", "augment.jda.policy=imagenet"]
+    result = cli_runner("distill", Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
+                        *sum([["--set", o] for o in overrides], []), "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output

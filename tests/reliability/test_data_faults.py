@@ -1,14 +1,19 @@
-"""Data faults: unreadable images (fail fast or skip and count), an empty class folder, labels out of range."""
+"""Data faults: unreadable images (fail fast or skip and count; decompression bombs too), an empty class
+folder, directory links that repeat a class's images, labels out of range, CIFAR-100 files that would run
+code when unpickled, splits that leave a class out, an out-of-range split seed."""
 from __future__ import annotations
 
 import json
 import pickle
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import one_line_error
-from figures import FAULTS
 from runs import MICRO, QUICKSTART, set_args
 from test_data import write_cifar100
 
@@ -30,8 +35,10 @@ def image_folder(root, bad=True):
 
 
 def folder_args(root, *extra):
+    """Distil on an ImageFolder without JDA (these tests are about the files; views of ImageFolder
+    images are made in the loader workers, tested in tests/test_data.py)."""
     return [*set_args(MICRO), "--set", "data.name=imagefolder", "--set", f"data.root={root}", "--set", "data.batch_size=4",
-            "--set", "data.train_fraction=1", "--set", "train.epochs=2", *extra]
+            "--set", "data.train_fraction=1", "--set", "train.epochs=2", "--set", "augment.jda.policy=null", *extra]
 
 
 def test_unreadable_images_fail_fast_naming_the_file(tmp_path, cli_runner):
@@ -69,4 +76,116 @@ def test_label_out_of_range_is_caught_before_training(tmp_path, cli_runner):
                                      "--set", f"data.root={tmp_path}", "--out", tmp_path / "run"))
     assert str(train_file) in line and "label 130" in line and "100 classes" in line, line
     assert not (tmp_path / "run").exists()  # found before the run directory was touched
-    assert FAULTS["data"].trials == 4
+
+
+def png_bomb(path: Path, side: int = 30_000) -> Path:
+    """A 200-byte PNG that declares side x side RGB pixels (900 M for 30,000: over Pillow's
+    2 x MAX_IMAGE_PIXELS, so opening it raises DecompressionBombError, which is not an OSError)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_fails_naming_the_file_or_is_skipped(tmp_path, cli_runner, fault_trials):
+    trials = fault_trials("data")
+    root = image_folder(tmp_path / "images", bad=False)
+    bomb = png_bomb(root / "train" / "a" / "bomb.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)  # the file is a bomb to Pillow
+    with trials.trial():
+        line = one_line_error(cli_runner("distill", QUICKSTART, *folder_args(root), "--out", tmp_path / "fail"))
+        assert "unreadable image" in line and str(bomb) in line and "data.bad_images" in line, line
+    with trials.trial():
+        result = cli_runner("distill", QUICKSTART, *folder_args(root, "--set", "data.bad_images=skip"),
+                            "--out", tmp_path / "skip")
+        assert result.exit_code == 0, result.output
+        assert "skipped 1 unreadable training image(s)" in result.output, result.output
+
+
+@pytest.mark.parametrize("link", ["loop", "parent", "twice"])
+def test_directory_links_that_repeat_images_are_refused(link, tmp_path, cli_runner, fault_trials):
+    """A link inside a class folder back to it (or above it), or two links to one folder, would count
+    the same images again and again (torchvision follows links: 16 files became 656 samples)."""
+    root = image_folder(tmp_path / "images", bad=False)
+    cls = root / "train" / "a"
+    if link == "loop":
+        (cls / "again").symlink_to(cls, target_is_directory=True)
+    elif link == "parent":
+        (cls / "up").symlink_to(root / "train", target_is_directory=True)
+    else:
+        shared = tmp_path / "shared"
+        image_folder(shared, bad=False)
+        (cls / "x").symlink_to(shared / "train" / "b", target_is_directory=True)
+        (cls / "y").symlink_to(shared / "train" / "b", target_is_directory=True)
+    with fault_trials("data").trial():
+        line = one_line_error(cli_runner("distill", QUICKSTART, *folder_args(root), "--out", tmp_path / "run"))
+        assert "data.root" in line and str(cls) in line and "counted more than once" in line, line
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_link_that_repeats_nothing_is_followed(tmp_path):
+    from kdtool.data import build_datasets
+    from kdtool.recipe import DataConfig
+
+    root = image_folder(tmp_path / "images", bad=False)
+    extra = image_folder(tmp_path / "extra", bad=False)
+    (root / "train" / "a" / "more").symlink_to(extra / "train" / "a", target_is_directory=True)
+    assert len(build_datasets(DataConfig(name="imagefolder", root=str(root), image_size=8)).train) == 24
+
+
+class Payload:
+    """Unpickling this calls Path.touch(marker): a reader that runs code from the file leaves the marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("file", ["train", "test", "meta"])
+def test_cifar100_pickle_that_runs_code_is_refused(file, tmp_path, cli_runner, fault_trials):
+    marker = tmp_path / "PWNED"
+    pickle.loads(pickle.dumps(Payload(marker)))
+    assert marker.exists()  # the payload does run when unpickled as torchvision unpickles
+    marker.unlink()
+    write_cifar100(tmp_path / "cifar")
+    planted = tmp_path / "cifar" / "cifar-100-python" / file
+    planted.write_bytes(pickle.dumps({"data": Payload(marker), "fine_labels": [0]}, protocol=2))
+    with fault_trials("data").trial():
+        line = one_line_error(cli_runner("distill", QUICKSTART, *set_args(MICRO), "--set", "data.name=cifar100",
+                                         "--set", f"data.root={tmp_path / 'cifar'}", "--out", tmp_path / "run"))
+        assert not marker.exists(), "kdtool ran code from a CIFAR-100 file"
+        assert str(planted) in line and "refused to load" in line, line
+
+
+@pytest.mark.parametrize("labels, fraction", [
+    ([0] * 10 + [1] * 10 + [2], 0.2),  # a class of one image cannot be on both sides
+    ([0, 1, 2] * 4, 0.1),  # a validation side smaller than the number of classes
+    ([0, 1, 2] * 4, 0.9),  # a training side smaller than the number of classes
+])
+def test_split_that_leaves_a_class_out_names_val_fraction(labels, fraction, fault_trials):
+    from kdtool.data import stratified_split
+    from kdtool.errors import KdtoolError
+
+    with fault_trials("data").trial():
+        with pytest.raises(KdtoolError, match=f"^data.val_fraction: {fraction} ") as failure:
+            stratified_split(np.array(labels), fraction, 0)
+        assert "\n" not in str(failure.value)
+
+
+def test_negative_split_seed_is_one_line(cli_runner, fault_trials):
+    from kdtool.data import stratified_split, stratified_subset
+    from kdtool.errors import KdtoolError
+
+    with fault_trials("data").trial():
+        line = one_line_error(cli_runner("recipe", "check", QUICKSTART, "--set", "data.split_seed=-1"))
+        assert "data.split_seed" in line, line
+        for split in (lambda: stratified_split(np.array([0, 1] * 10), 0.2, -1),
+                      lambda: stratified_subset([0, 1] * 10, 0.5, -1)):
+            with pytest.raises(KdtoolError, match="^data.split_seed: -1 is out of range"):
+                split()
