@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from kdtool.augment import POLICIES
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")
@@ -79,7 +81,7 @@ def test_cuda_distillation_bf16_channels_last(compiled, tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("policy", ["cifar100", "imagenet", "cifar10"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_jda_on_cuda_equals_jda_on_cpu(policy):
     from kdtool.augment import JointAugment
 
