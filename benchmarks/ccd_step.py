@@ -2,7 +2,9 @@
 
 Each step is one teacher forward (no grad) + student forward/backward + optimizer step on a joint
 batch of B originals and B augmented views. ``kd`` and ``ccd`` (no JDA cost) reuse one pre-made
-joint batch; ``ccd+JDA`` applies JDA to the originals inside the step. The variants are
+joint batch; ``ccd+JDA`` makes it inside the step from the loader's batch of B uncropped uint8
+images, as training does (kdtool.augment.TrainViews: the cifar100 chain on the whole images, then
+a random crop with padding 4 and a flip drawn for each original and each view). The variants are
 interleaved (each repeat times every variant in turn) and the median step time is reported,
 with the ratios ccd+JDA / kd (target <= 1.05) and ccd / kd. Runs on the CPU, and on CUDA
 when a device is present.
@@ -18,7 +20,7 @@ from functools import partial
 
 import torch
 
-from kdtool.augment import JointAugment, joint_batch
+from kdtool.augment import JointAugment, TrainViews
 from kdtool.losses import ccd, kd
 from kdtool.models import build_model
 
@@ -55,19 +57,28 @@ def time_variants(variants: dict, repeats: int, sync) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+class _Accelerator:
+    """What TrainViews reads of an Accelerator."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.num_processes, self.process_index = device, 1, 0
+
+
 def run(device: torch.device, batch: int, size: int, repeats: int) -> None:
     torch.manual_seed(0)
     student = build_model("resnet8", NUM_CLASSES).to(device).train()
     teacher = build_model("resnet14", NUM_CLASSES).to(device).eval().requires_grad_(False)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    images = torch.rand(batch, 3, size, size, device=device).mul_(255).round_().div_(255)
+    loader_batch = {"image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device),
+                    "key": torch.randint(0, 2**62, (batch,)), "padding": torch.full((batch,), 4),
+                    "flip": torch.ones(batch, dtype=torch.bool)}
     targets = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    augment = JointAugment("cifar100")
-    generator = torch.Generator(device=device).manual_seed(0)
-    premade = joint_batch(images, augment, 1, augment.sample(batch, generator, device))
+    views = TrainViews(JointAugment("cifar100"), 1, seed=0)
+    accelerator = _Accelerator(device)
+    premade = views(loader_batch, 0, accelerator)
 
     def jda_inputs():
-        return joint_batch(images, augment, 1, augment.sample(batch, generator, device))
+        return views({**loader_batch, "key": torch.randint(0, 2**62, (batch,))}, 0, accelerator)  # new samples
 
     common = dict(student=student, teacher=teacher, optimizer=optimizer, targets=targets)
     variants = {

@@ -1,15 +1,21 @@
-"""Throughput of batched JDA (kdtool.augment) against the reference's per-image Pillow chain.
+"""Throughput of kdtool's JDA views against the authors' per-image Pillow pipeline, in the same order.
 
-Both sides run the same policy (cifar100 by default) at the same p on the same images: the
-batched side takes a uint8 batch, converts it to float [0, 1] and augments it on the CPU; the
-Pillow side does what the reference dataset does, for each image, for each op,
-``if random.random() < p: apply``. Reports the median of --repeats timed runs after a warm-up;
-the batched and Pillow runs alternate (batched, PIL, batched, PIL, ...) so that a load change on
-a shared machine hits both sides alike, and the load average is printed with the results.
-With a CUDA device it also times JDA on the GPU against a torchvision resnet50 forward pass
-(random weights) on the same batch.
+Both sides make, for each image, the original and one augmented view as the paper does: the
+policy's chain on the whole image (each op firing with probability p), then the dataset's random
+transform drawn separately for the original and the view, ending in float [0, 1] tensors.
 
-    python benchmarks/jda_throughput.py --batch 256 --sizes 32 224 --repeats 5
+- images of one size (cifar100 policy): kdtool's TrainViews on a batch of uncropped uint8 images
+  (chain, zero-padded crops and flips on the batch) against, per image, Pillow's chain then
+  torchvision's RandomCrop(size, padding) + RandomHorizontalFlip + ToTensor on PIL images;
+- images of differing sizes (imagenet policy): what kdtool's loader worker does per image
+  (LoaderViews on the decoded image, RandomResizedCrop + flip per view on uint8 tensors) plus
+  TrainViews on the stacked batch, against Pillow's chain then RandomResizedCrop + flip + ToTensor.
+
+Normalisation is left out on both sides. One thread by default (one loader worker's share).
+Reports the median of --repeats timed runs after a warm-up; the two sides alternate so that a
+load change on a shared machine hits both alike, and the load average is printed with the results.
+
+    python benchmarks/jda_throughput.py --batch 128 --sizes 32 224 --repeats 5
 """
 from __future__ import annotations
 
@@ -19,11 +25,12 @@ import random
 import statistics
 import time
 
-import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from torchvision import transforms
+from torchvision.transforms import v2
 
-from kdtool.augment import POLICIES, JointAugment
+from kdtool.augment import JointAugment, TrainViews
 
 GREY = (128, 128, 128)
 
@@ -74,18 +81,6 @@ def make_images(n: int, size: int) -> torch.Tensor:
     return out
 
 
-def median_time(fn, repeats: int, sync=lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns, repeats: int) -> list[float]:
     """Median wall time of each fn over `repeats` rounds, the fns alternating within a round."""
     for fn in fns:
@@ -106,75 +101,91 @@ def load_average() -> str:
         return "load average unavailable"
 
 
+def authors_views(pil_images, ops, p: float, transform) -> list:
+    """The authors' PolicyDataset __getitem__ for each image: the chain on the whole image
+    (each op fires if random.random() < p), then the dataset's transform drawn separately for the
+    original and the augmented image, stacked."""
+    out = []
+    for img in pil_images:
+        new = img
+        for op, m in ops:
+            if random.random() < p:
+                new = op(new, m)
+        out.append(torch.stack([transform(img), transform(new)]))
+    return out
+
+
+def kdtool_batched(aug: JointAugment, u8: torch.Tensor, padding: int):
+    """kdtool for images of one size: TrainViews on a loader batch of uncropped images."""
+    views = TrainViews(aug, 1, seed=0)
+    keys = torch.randint(0, 2**62, (len(u8),))
+    batch = {"image": u8, "key": keys, "padding": torch.full((len(u8),), padding), "flip": torch.ones(len(u8), dtype=torch.bool)}
+    return lambda: views(batch, 0, CPU)
+
+
+def kdtool_in_loader(aug: JointAugment, pil_images, size: int):
+    """kdtool for images of differing sizes: what a loader worker does per image (LoaderViews, then
+    RandomResizedCrop + flip of the original and the view), then TrainViews on the stacked batch."""
+    views = TrainViews(aug, 1, seed=0)
+    crop = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+
+    def run():
+        stacked = []
+        for img in pil_images:
+            full = v2.functional.pil_to_tensor(img)
+            stacked.append(torch.stack([crop(view) for view in [full, *views.in_loader(full)]]))
+        return views({"views": torch.stack(stacked)}, 0, CPU)
+    return run
+
+
+class _CPU:
+    device = torch.device("cpu")
+    num_processes = 1
+    process_index = 0
+
+
+CPU = _CPU()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--policy", default="cifar100", choices=sorted(POLICIES))
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: one loader worker)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    aug = JointAugment(args.policy)
-    ops = [(PIL_OPS[op.name], op.magnitude) for op in aug.policy.ops]
-    print(f"JDA policy {aug.policy.name} ({len(ops)} ops), p={aug.p}, batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats} interleaved runs after a "
-          f"warm-up; {load_average()}")
-
+    torch.set_num_threads(args.threads)
+    print(f"batch {args.batch}, one augmented view per image, torch threads {torch.get_num_threads()}, median of "
+          f"{args.repeats} interleaved runs after a warm-up; {load_average()}")
+    random.seed(0)
+    torch.manual_seed(0)
     rows = []
     for size in args.sizes:
         u8 = make_images(args.batch, size)
         pil_images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in u8]
-        gen = torch.Generator().manual_seed(0)
-        random.seed(0)
+        padding = round(4 * size / 32)
+        cases = [("cifar100", f"crop {size} pad {padding} + flip, on the batch", kdtool_batched,
+                  (u8, padding), transforms.Compose([transforms.RandomCrop(size, padding=padding),
+                                                     transforms.RandomHorizontalFlip(), transforms.ToTensor()])),
+                 ("imagenet", f"RandomResizedCrop {size} + flip, per image", kdtool_in_loader,
+                  (pil_images, size), transforms.Compose([transforms.RandomResizedCrop(size),
+                                                          transforms.RandomHorizontalFlip(), transforms.ToTensor()]))]
+        for policy, label, make, make_args, transform in cases:
+            aug = JointAugment(policy)
+            ops = [(PIL_OPS[op.name], op.magnitude) for op in aug.policy.ops]
+            ours = make(aug, *make_args)
+            t_ours, t_pil = interleaved_medians([ours, lambda: authors_views(pil_images, ops, aug.p, transform)],
+                                                args.repeats)
+            rows.append((size, policy, label, args.batch / t_ours, args.batch / t_pil))
 
-        def batched():
-            return aug(u8.float().div_(255), gen)
-
-        def per_image():
-            out = []
-            for img in pil_images:
-                for op, m in ops:
-                    if random.random() < aug.p:
-                        img = op(img, m)
-                out.append(np.asarray(img))
-            return out
-
-        t_batched, t_pil = interleaved_medians([batched, per_image], args.repeats)
-        rows.append((size, args.batch / t_batched, args.batch / t_pil))
-
-    print(f"\n{'size':>6} {'batched img/s':>14} {'PIL img/s':>12} {'batched/PIL':>12}")
-    for size, batched_rate, pil_rate in rows:
-        print(f"{size:>6} {batched_rate:>14.0f} {pil_rate:>12.0f} {batched_rate / pil_rate:>11.2f}x")
+    print(f"\n{'size':>5} {'policy':>9} {'views made':<44} {'kdtool img/s':>13} {'authors img/s':>14} {'ratio':>7}")
+    for size, policy, label, ours, pil in rows:
+        print(f"{size:>5} {policy:>9} {label:<44} {ours:>13.0f} {pil:>14.0f} {ours / pil:>6.2f}x")
     print()
-    for size, batched_rate, pil_rate in rows:
+    for size, policy, label, ours, pil in rows:
         target = " (target >= 1)" if size == 224 else ""
-        print(f"ratio batched / PIL at {size}x{size} = {batched_rate / pil_rate:.2f}{target}")
+        print(f"ratio kdtool / authors' Pillow pipeline, {policy} at {size}x{size} = {ours / pil:.2f}{target}")
     print(f"after the runs: {load_average()}")
-
-    if not torch.cuda.is_available():
-        print("\nGPU comparison skipped: torch.cuda.is_available() is False (no CUDA device).")
-        return
-    import torchvision
-
-    device = torch.device("cuda")
-    size = 224
-    u8 = make_images(args.batch, size).to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).to(device).eval()
-    x = u8.float().div(255)
-    sync = torch.cuda.synchronize
-
-    def forward():
-        with torch.no_grad():
-            model(x)
-
-    t_jda = median_time(lambda: aug(u8.float().div_(255), gen), args.repeats, sync)
-    t_fwd = median_time(forward, args.repeats, sync)
-    print(f"\nGPU ({torch.cuda.get_device_name(device)}), batch {args.batch} at {size}x{size}: "
-          f"JDA {t_jda * 1e3:.1f} ms ({args.batch / t_jda:.0f} img/s), resnet50 forward "
-          f"(fp32, no grad) {t_fwd * 1e3:.1f} ms; JDA = {100 * t_jda / t_fwd:.1f}% of the forward")
 
 
 if __name__ == "__main__":
