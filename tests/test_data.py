@@ -153,7 +153,7 @@ def test_imagefolder_views_are_made_in_the_loader_on_the_full_image(tmp_path):
     """Each view is the chain on the whole decoded image, then the dataset's crop; the sample holds the stack."""
     from torchvision.transforms import v2
 
-    from kdtool.augment import JointAugment, LoaderViews, TrainViews
+    from kdtool.augment import JointAugment, LoaderViews
     from kdtool.data import CheckedImageFolder, SeededSamples
 
     write_imagefolder(tmp_path, size=(40, 30))
@@ -171,7 +171,7 @@ def test_imagefolder_views_are_made_in_the_loader_on_the_full_image(tmp_path):
 
 
 def test_imagefolder_training_batches_become_joint_batches(tmp_path):
-    from kdtool.augment import JointAugment, LoaderViews, TrainViews
+    from kdtool.augment import JointAugment, TrainViews
     from kdtool.data import SeededSamples
 
     write_imagefolder(tmp_path)
