@@ -49,7 +49,6 @@ PREPROCESSING = "uint8 /255 then (x-mean)/std"
 MAX_MANIFEST_BYTES = 16 << 20
 REFERENCE_DIR = "reference"
 REFERENCE_ARRAYS = ("images", "labels", "teacher_logits", "student_logits")
-DEFAULT_REFERENCE_IMAGES = 1000  # capped by REFERENCE_BUDGET_BYTES and by the validation set
 REFERENCE_BUDGET_BYTES = 64 << 20  # ~400 ImageNet-sized (224x224) images with 1000-class logits
 
 
@@ -163,6 +162,7 @@ class Preprocessing(_Model):
     mean: tuple[float, float, float]
     std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
     class_names: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(min_length=1, max_length=1 << 20)]
+    normalization: Optional[Annotated[str, Field(max_length=1024)]] = None  # why this mean/std ('dataset', the weights)
 
     @model_validator(mode="after")
     def _square(self):

@@ -53,6 +53,9 @@ class Registry(Generic[T], Mapping[str, T]):
                 f"unknown {self.kind} {name!r}{closest(name, self._entries)}; known: {known}"
             ) from None
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would call __getitem__, which raises KdtoolError
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -111,8 +111,24 @@ class TrainConfig(_Section):
         return self
 
 
+class JDAConfig(_Section):
+    policy: Optional[str] = Field(None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits "
+                                  "(the CIFAR-100 chain, under the quickstart's name) | rotation (views turned by "
+                                  "90/180/270 degrees); null = off")
+    p: Optional[float] = Field(None, ge=0, le=1, description="firing probability; null = the policy's")
+    views: int = Field(1, ge=1, le=8, description="augmented views per original image")
+    teacher_sees_views: bool = True
+
+
+class AugmentConfig(_Section):
+    jda: JDAConfig = JDAConfig()
+
+
 class TeacherConfig(ModelConfig):
     train: TrainConfig = Field(default_factory=TrainConfig, description="used only when weights is null")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig,
+                                   description="JDA views for training the teacher when weights is null (off by "
+                                               "default: the paper's teacher never sees augmented samples)")
 
 
 # ---------------------------------------------------------------- method and augmentation
@@ -167,19 +183,6 @@ METHOD_SETTINGS: dict[str, type[MethodConfig]] = {
 }
 
 
-class JDAConfig(_Section):
-    policy: Optional[str] = Field(None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits "
-                                  "(the CIFAR-100 chain, under the quickstart's name) | rotation (views turned by "
-                                  "90/180/270 degrees); null = off")
-    p: Optional[float] = Field(None, ge=0, le=1, description="firing probability; null = the policy's")
-    views: int = Field(1, ge=1, le=8, description="augmented views per original image")
-    teacher_sees_views: bool = True
-
-
-class AugmentConfig(_Section):
-    jda: JDAConfig = JDAConfig()
-
-
 def _tracker_name(name: str) -> str:
     from accelerate.utils import LoggerType  # the trackers this Accelerate version knows (1.15: aim ... trackio)
 
@@ -202,7 +205,7 @@ class RuntimeConfig(_Section):
     cpu: bool = Field(False, description="force the CPU even where a GPU is present")
     channels_last: bool = True
     compile: bool = False
-    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; null = torch default")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch intra-op threads; null = torch default")
     log_with: Annotated[list[TrackerName], AfterValidator(_distinct)] = Field(
         default_factory=list, max_length=16, description="experiment trackers Accelerate knows (tensorboard, wandb, mlflow, ...)")
     log_every: int = Field(10, ge=1, le=1_000_000, description="optimizer steps between loss/lr records to the trackers")
@@ -258,6 +261,8 @@ class ExportConfig(_Section):
     opset: int = Field(17, description=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1}")
     verify_batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 7, 32])
     verify_images: int = Field(256, ge=1, description="validation images compared against PyTorch per batch size")
+    reference_images: int = Field(1000, ge=1, le=100_000, description="validation images carried in the bundle for "
+                                  "bench (uint8, labels, teacher/student logits); capped at 64 MiB and the val set")
     max_abs_diff: float = Field(1e-3, gt=0)
     min_cosine: float = Field(0.9999, gt=0, le=1)
     min_top1_agreement: float = Field(0.99, gt=0, le=1)
@@ -338,7 +343,7 @@ class YAMLLimitError(yaml.YAMLError):
     """A YAML document past kdtool's bounds: too deep, too large once aliases expand, or a recursive alias."""
 
 
-class _BoundedLoader(yaml.SafeLoader):
+class BoundedLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, refusing documents that would blow up once their aliases are expanded.
 
     Aliases share nodes, so ten lines can describe 10**9 values (a "billion laughs") or a list that
@@ -388,7 +393,7 @@ class _BoundedLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str) -> Any:
     """``yaml.safe_load`` within kdtool's bounds on depth and alias expansion (raises yaml.YAMLError)."""
-    loader = _BoundedLoader(text)
+    loader = BoundedLoader(text)
     try:
         return loader.get_single_data()
     finally:

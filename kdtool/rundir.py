@@ -26,9 +26,11 @@ from typing import Optional
 from torch import nn
 
 from kdtool.checkpoint import read_state
+from kdtool.data import DataInfo
 from kdtool.errors import KdtoolError
 from kdtool.io import check_replaceable, clear_directory, read_json_object, write_json_atomic
 from kdtool.models import build_model
+from kdtool.preprocess import normalization_plan, teacher_on_student_inputs
 from kdtool.recipe import Recipe, load_recipe
 
 MARKER_FILE = ".kdtool-run"
@@ -154,17 +156,19 @@ def teacher_source(run_dir: Path, recipe: Recipe) -> str:
     return recipe.teacher.weights or str(checkpoint_link(Path(run_dir) / TEACHER_DIR, BEST))
 
 
-def load_teacher(run_dir: Path, recipe: Recipe, num_classes: int) -> nn.Module:
-    """The run's teacher, frozen, on the CPU."""
-    return build_model(recipe.teacher.name, num_classes, teacher_source(run_dir, recipe)).eval().requires_grad_(False)
+def load_teacher(run_dir: Path, recipe: Recipe, info: DataInfo) -> nn.Module:
+    """The run's teacher, frozen, on the CPU, taking batches normalised for the student (see kdtool.preprocess)."""
+    teacher = build_model(recipe.teacher.name, info.num_classes, teacher_source(run_dir, recipe),
+                          image_size=info.image_size).eval().requires_grad_(False)
+    return teacher_on_student_inputs(teacher, normalization_plan(recipe, info))
 
 
-def load_student(run_dir: Path, recipe: Recipe, num_classes: int, which: str = BEST) -> nn.Module:
+def load_student(run_dir: Path, recipe: Recipe, info: DataInfo, which: str = BEST) -> nn.Module:
     """The run's student from its `best` (or `last`) checkpoint, in eval mode, on the CPU."""
     checkpoint = checkpoint_link(run_dir, which)
     if not checkpoint.exists():
         raise KdtoolError(f"run {run_dir} has no {which} student checkpoint (did distillation finish an epoch?)")
-    return build_model(recipe.student.name, num_classes, str(checkpoint)).eval()
+    return build_model(recipe.student.name, info.num_classes, str(checkpoint), image_size=info.image_size).eval()
 
 
 def teacher_dir(run_dir: Path) -> Path:

@@ -54,8 +54,8 @@ from kdtool.data import build_datasets
 from kdtool.errors import KdtoolError
 from kdtool.io import write_text_atomic
 from kdtool.losses import build_loss
-from kdtool.models import MODELS, build_model
-from kdtool.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_override, save_recipe
+from kdtool.models import build_model, check_model_name
+from kdtool.recipe import BoundedLoader, Recipe, RecipeError, dump_recipe, load_recipe, parse_override, save_recipe
 from kdtool.rundir import (
     RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock, run_recipe, summary,
 )
@@ -263,7 +263,7 @@ def _parts_to_build(recipe: Recipe) -> list[tuple[str, Any, Any]]:
     jda, method, smoothing = recipe.augment.jda, recipe.method, recipe.train.label_smoothing
     return [
         ("models", [recipe.student.name, recipe.teacher.name],
-         lambda: [MODELS[recipe.student.name], MODELS[recipe.teacher.name]]),
+         lambda: [check_model_name(recipe.student.name), check_model_name(recipe.teacher.name)]),
         ("method", [method.model_dump(), smoothing], lambda: build_loss(method, smoothing)),
         ("views", jda.model_dump(), lambda: build_train_views(jda, recipe.seed)),
         ("data", recipe.data.model_dump(), lambda: _check_batch_fits(recipe)),
@@ -298,7 +298,7 @@ def check_plan(plan: SweepPlan) -> None:
             weights = recipe.teacher.weights
             if weights not in planned and f"weights:{weights}" not in built:
                 num_classes = built[f"data:{_canonical(recipe.data.model_dump())}"]
-                build_model(recipe.teacher.name, num_classes, weights)
+                build_model(recipe.teacher.name, num_classes, weights, image_size=recipe.data.image_size)
                 built[f"weights:{weights}"] = True
         except KdtoolError as exc:
             raise KdtoolError(f"sweep cell {cell.name}: {exc}") from None
@@ -309,7 +309,7 @@ def train_shared_teacher(recipe: Recipe, teacher_dir: Path, progress: bool) -> N
     """Train (or resume, or reuse when finished) the teacher of `recipe` in `teacher_dir`."""
     datasets = build_datasets(recipe.data)
     set_seed(recipe.seed)  # the same initialisation as a single distill run of this recipe
-    teacher = build_model(recipe.teacher.name, datasets.info.num_classes)
+    teacher = build_model(recipe.teacher.name, datasets.info.num_classes, image_size=datasets.info.image_size)
     train_teacher(recipe, teacher, datasets, teacher_dir, build_accelerator(recipe.runtime),
                   resume=(teacher_dir / "last").exists(), progress=progress)
 
@@ -508,8 +508,8 @@ class SweepSpec(BaseModel):
         return [override(key, value) for key, value in self.set.items()]
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """YAML without aliases (no alias bombs) and without duplicate keys (PyYAML keeps the last)."""
+class _SpecLoader(BoundedLoader):
+    """Recipe YAML's bounds on depth and size, and no aliases or duplicate keys (PyYAML keeps the last)."""
 
     def compose_node(self, parent, index):  # PyYAML >= 5.1 Composer API
         if self.check_event(yaml.AliasEvent):
@@ -531,7 +531,7 @@ def _read_spec_yaml(path: Path) -> Any:
     if path.stat().st_size > 1 << 20:
         raise KdtoolError(f"{path}: a sweep spec is a small YAML file (this one is over 1 MiB)")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # noqa: S506 (a bounded SafeLoader)
     except UnicodeDecodeError:
         raise KdtoolError(f"{path}: not a text file (UTF-8 YAML expected)") from None
     except yaml.YAMLError as exc:

@@ -187,10 +187,8 @@ def test_imagefolder_training_batches_become_joint_batches(tmp_path):
         views(plain, 0, _Accelerator())
 
 
-@pytest.mark.xfail(strict=True, reason="kdtool/train/loop.py prepare() builds SeededSamples(datasets.train, seed) "
-                                        "without in_loader=train_views.in_loader (requested of the loop's owner)")
 def test_imagefolder_distillation_with_jda(tmp_path, cli_runner):
-    """End to end: needs the training loop to pass its views to SeededSamples (in_loader)."""
+    """End to end: ImageFolder images of differing sizes get their JDA views in the loader workers."""
     from conftest import TINY
 
     write_imagefolder(tmp_path / "images", per_class=6)

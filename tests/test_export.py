@@ -60,7 +60,7 @@ def test_onnx_matches_pytorch_at_batch_sizes(run_dir, bundle, manifest):
     recipe = load_recipe(run_dir / "recipe.yaml")
     datasets = build_datasets(recipe.data)
     images, _ = ValidationBatches(datasets.val, datasets.info, recipe.data).head(64)
-    reference = torch_logits(load_student(run_dir, recipe, datasets.info.num_classes), images)
+    reference = torch_logits(load_student(run_dir, recipe, datasets.info), images)
     session = ort_session(bundle / manifest["artefacts"]["fp32"]["file"])
     for batch_size in (1, 7, 32):
         assert np.abs(run_batched(session, images, batch_size) - reference).max() < 1e-3
@@ -166,8 +166,8 @@ def test_reference_set_in_the_bundle(run_dir, bundle, manifest):
     assert arrays["images"].dtype == np.uint8 and arrays["images"].shape == (count, 3, 16, 16)
     assert arrays["labels"].tolist() == [int(datasets.val[i][1]) for i in range(count)]
     inputs = preprocess(torch.from_numpy(arrays["images"][:64]), datasets.info)
-    student = torch_logits(load_student(run_dir, recipe, 10), inputs)
-    teacher = torch_logits(load_teacher(run_dir, recipe, 10), inputs)
+    student = torch_logits(load_student(run_dir, recipe, datasets.info), inputs)
+    teacher = torch_logits(load_teacher(run_dir, recipe, datasets.info), inputs)
     assert np.allclose(arrays["student_logits"][:64], student, atol=1e-5)
     assert np.allclose(arrays["teacher_logits"][:64], teacher, atol=1e-5)
     for name, entry in reference.items():
@@ -180,6 +180,14 @@ def test_reference_set_size_is_capped():
     imagenet = reference_count(1000, 50_000, 224, 1000)
     assert 300 < imagenet < 1000 and imagenet * (3 * 224 * 224 + 8 + 8000) <= REFERENCE_BUDGET_BYTES
     assert reference_count(10, 50_000, 224, 1000) == 10
+
+
+def test_reference_set_size_follows_the_recipe(run_dir, tmp_path):
+    small = export_bundle(run_dir, out=tmp_path / "small", progress=False,
+                          overrides=["export.reference_images=40", "export.int8.enabled=false", "export.fp16=false"])
+    manifest = json.loads((small / "manifest.json").read_text())
+    assert manifest["reference"]["count"] == 40
+    assert np.load(small / manifest["reference"]["labels"]["file"]).shape == (40,)
 
 
 def test_tensorrt_scheme_fallback_is_judged_on_emulated_numerics(sensitive):

@@ -90,7 +90,7 @@ def test_jda_on_cuda_equals_jda_on_cpu(policy):
     images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8).float().div(255)
     params = augment.sample(len(images), generator)
     on_cpu = augment.apply(images, params)
-    on_cuda = augment.apply(images.cuda(), type(params)(params.fire.cuda(), params.sign.cuda())).cpu()
+    on_cuda = augment.apply(images.cuda(), type(params)(params.fire.cuda(), params.variant.cuda())).cpu()
     differing = (on_cpu != on_cuda).any(dim=(1, 2, 3))
     assert not differing.any(), f"{int(differing.sum())} of {len(images)} images differ between CUDA and CPU"
 

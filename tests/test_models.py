@@ -64,3 +64,9 @@ def test_torchvision_weights_enum_from_the_hub_cache(tmp_path, monkeypatch):
         build_model("resnet18", 10, "IMAGENET1K_V1")
     student = build_model("resnet18", 10, "IMAGENET1K_V1", new_head=True)  # pretrained features, fresh classifier
     assert student.fc.out_features == 10 and torch.equal(student.conv1.weight, reference.conv1.weight)
+
+
+def test_registry_membership_is_a_question_not_an_error():
+    from kdtool.models import MODELS
+
+    assert "resnet8" in MODELS and "resnet9000" not in MODELS

@@ -180,6 +180,8 @@ def test_bad_override(cli_runner):
     ("seed=-1", r"seed: .*greater than or equal to 0"),
     ("export.name=..", r"export.name: must be a plain name"),
     ("export.opset=21", r"export.opset: opset 21 is not supported: use 17..20"),
+    ("runtime.threads=100000", r"runtime.threads: input should be less than or equal to 1024"),
+    ("export.reference_images=0", r"export.reference_images: input should be greater than or equal to 1"),
 ])
 def test_hostile_override_is_one_line(override, pattern, cli_runner):
     import re

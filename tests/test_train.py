@@ -51,6 +51,18 @@ def test_run_directory_contract(finished_run):
     assert len(list((run_dir / "checkpoints").iterdir())) <= 2  # only what last/best point at
 
 
+def test_teacher_trained_on_jda_views(finished_run, tmp_path):
+    """teacher.augment.jda gives the teacher views (finding (b)); off by default, so finished_run's teacher saw none."""
+    plain_dir, _ = finished_run
+    run_dir = tmp_path / "jda-teacher"
+    distill(load_recipe(QUICKSTART, [*FAST, "teacher.augment.jda.policy=rotation", "train.max_steps=1"]), run_dir,
+            progress=False)
+    plain, with_views = metrics(plain_dir / "teacher"), metrics(run_dir / "teacher")
+    assert [r["step"] for r in plain] == [r["step"] for r in with_views]  # same batches and steps
+    assert plain[0]["train_loss"] != with_views[0]["train_loss"]  # rotated views entered the loss
+    assert load_recipe(plain_dir / "recipe.yaml").teacher.augment.jda.policy is None
+
+
 def test_existing_run_dir_is_refused_and_resume_needs_a_checkpoint(cli_runner, tmp_path):
     run_dir = tmp_path / "runs" / "quickstart"
     run_dir.mkdir(parents=True)
@@ -160,3 +172,14 @@ def test_two_processes_match_one_process(tmp_path):
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["val_top1"] for r in m1] == [r["val_top1"] for r in m2]
     assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-4 for a, b in zip(m1, m2))
+
+
+def test_epoch_seed_stays_in_numpys_range():
+    from accelerate.utils import set_seed
+
+    from kdtool.train.setup import epoch_seed
+
+    assert epoch_seed(42, 3) == 42_003  # small seeds: the seeds earlier runs used
+    largest = epoch_seed(2**32 - 1, 199)
+    assert 0 <= largest < 2**32
+    set_seed(largest)  # numpy refuses seeds >= 2**32

@@ -140,8 +140,8 @@ def run_eval_set(bundle: Bundle, data_root: str, device: torch.device) -> EvalSe
                           f"the bundle expects {bundle.manifest.model.num_classes} at {pre.image_size}")
     info: DataInfo = dataclasses.replace(datasets.info, mean=tuple(pre.mean), std=tuple(pre.std))
     loader = build_loader(datasets.val, data_cfg, train=False)
-    teacher = load_teacher(run_dir, recipe, info.num_classes).to(device)
-    student = load_student(run_dir, recipe, info.num_classes)
+    teacher = load_teacher(run_dir, recipe, datasets.info).to(device)  # maps the student's inputs to its own
+    student = load_student(run_dir, recipe, datasets.info)
     teacher_logits, labels = predict(teacher, loader, info, device=device)
     student_logits, _ = predict(student, loader, info)
     return EvalSet(f"the validation set under {data_root}: {len(labels)} images", "validation", labels.numpy(),

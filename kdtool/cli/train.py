@@ -89,6 +89,13 @@ def recipe():
 @debug_option
 @handle_errors
 def recipe_check(recipe_path, overrides):
-    """Validate RECIPE and print it resolved (defaults filled in, overrides and ${ENV} applied)."""
-    click.echo(dump_recipe(load_recipe(recipe_path, overrides)), nl=False)
+    """Validate RECIPE and print it resolved (defaults filled in, overrides and ${ENV} applied),
+    then, as YAML comments, which input normalisation each model gets and why."""
+    from kdtool.preprocess import describe_normalization
+
+    resolved = load_recipe(recipe_path, overrides)
+    click.echo(dump_recipe(resolved), nl=False)
+    click.echo("# normalisation (the recipe's, else the pretrained weights', else the dataset's):")
+    for line in describe_normalization(resolved):
+        click.echo(f"#   {line}")
 

@@ -13,6 +13,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +39,7 @@ from kdtool.export.quantize import (
 from kdtool.export.runner import ort_session, run_batched
 from kdtool.export.tensorrt import build_engine, require_tensorrt
 from kdtool.io import sha256_file, staging_dir
+from kdtool.preprocess import normalization_plan, student_info
 from kdtool.recipe import Recipe, dump_recipe, load_recipe
 from kdtool.rundir import RECIPE_FILE, best_checkpoint, find_latest_run, load_student, load_teacher  # noqa: F401
 from kdtool.rundir import run_recipe as _run_recipe
@@ -57,11 +59,6 @@ def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
 def bundle_dir_for(recipe: Recipe) -> Path:
     """The bundle directory a recipe names: export.root / (export.name or the recipe name), never outside the root."""
     return layout.bundle_dir_for(recipe.export.root, recipe.export.name or recipe.name)
-
-
-def reference_images_requested(recipe: Recipe) -> int:
-    """export.reference_images (the reference set's size before the 64 MiB cap), or the default."""
-    return int(getattr(recipe.export, "reference_images", None) or layout.DEFAULT_REFERENCE_IMAGES)
 
 
 def _check_writable(target: Path) -> None:
@@ -105,15 +102,16 @@ def export_bundle(run_dir: Path, *, out: Path | None = None, trt: bool = False, 
     with bundle_lock(target):
         clean_leftovers(target)
         datasets = build_datasets(recipe.data)
-        model = load_student(run_dir, recipe, datasets.info.num_classes)
+        model = load_student(run_dir, recipe, datasets.info)
+        student_data = replace(datasets, info=student_info(recipe, datasets.info))
         with staging_dir(target, overwrite=overwrite) as staging:
             (staging / STAGING_MARKER).touch()
-            artefacts, calibration = _onnx_artefacts(staging, model, datasets, recipe, say)
+            artefacts, calibration = _onnx_artefacts(staging, model, student_data, recipe, say)
             reference = _reference_set(staging, model, run_dir, datasets, recipe, say)
             if trt:
-                artefacts.update(_engines(staging, artefacts, recipe, datasets.info.image_size, say))
+                artefacts.update(_engines(staging, artefacts, recipe, student_data.info.image_size, say))
             (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
-            manifest = _manifest(recipe, datasets.info, run_dir, checkpoint, calibration, reference,
+            manifest = _manifest(recipe, student_data.info, run_dir, checkpoint, calibration, reference,
                                  _with_files(staging, artefacts), trt)
             write_manifest(staging, manifest)
             (staging / STAGING_MARKER).unlink()
@@ -208,12 +206,12 @@ def _verify_fp16(path: Path, images, reference, recipe: Recipe) -> dict | str:
 
 def _reference_set(staging: Path, model: torch.nn.Module, run_dir: Path, datasets: Datasets, recipe: Recipe, say) -> dict:
     """The first N validation images (uint8), labels, teacher and float-student logits, saved into the bundle."""
-    info = datasets.info
-    count = layout.reference_count(reference_images_requested(recipe), len(datasets.val), info.image_size,
+    info = student_info(recipe, datasets.info)
+    count = layout.reference_count(recipe.export.reference_images, len(datasets.val), info.image_size,
                                    info.num_classes)
     images, labels = first_images(datasets.val, recipe.data, count)
     inputs = preprocess(torch.from_numpy(images), info)
-    teacher = load_teacher(run_dir, recipe, info.num_classes)
+    teacher = load_teacher(run_dir, recipe, datasets.info)
     arrays = {"images": images, "labels": labels,
               "teacher_logits": torch_logits(teacher, inputs).astype(np.float32),
               "student_logits": torch_logits(model, inputs).astype(np.float32)}
@@ -322,6 +320,7 @@ def _manifest(recipe: Recipe, info: DataInfo, run_dir: Path, checkpoint: Path, c
             "image_size": size, "height": size, "width": size, "layout": "NCHW", "channels": "RGB",
             "dtype": "float32", "pipeline": PREPROCESSING, "scale": 1 / 255,
             "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
+            "normalization": normalization_plan(recipe, info).student.why,
             "class_names": [str(name) for name in info.class_names],
         },
         "opset": recipe.export.opset,

@@ -29,6 +29,7 @@ from kdtool.errors import KdtoolError
 from kdtool.io import write_json_atomic
 from kdtool.losses import LossFn, build_loss
 from kdtool.models import build_model
+from kdtool.preprocess import normalization_plan, student_info, teacher_on_student_inputs, with_normalization
 from kdtool.recipe import MethodConfig, Recipe, dump_recipe, load_recipe, save_recipe
 from kdtool.rundir import (
     BEST, LAST, RECIPE_FILE, SUMMARY_FILE, TEACHER_DIR, check_run_target, claim, clear_run, has_checkpoint, has_content,
@@ -78,12 +79,15 @@ def _first_difference(a, b, prefix: str = "") -> str:
 
 def train_teacher(recipe: Recipe, teacher: nn.Module, datasets: Datasets, teacher_dir: Path, accelerator: Accelerator,
                   *, resume: bool, progress: bool) -> None:
-    """Train the teacher with cross-entropy into `teacher_dir` (nothing to do when it finished before)."""
+    """Train the teacher with cross-entropy into `teacher_dir` (nothing to do when it finished before),
+    on batches normalised as the teacher asks (kdtool.preprocess)."""
     if is_finished(teacher_dir):
         return
-    fit(teacher, datasets, loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
+    own = with_normalization(datasets.info, normalization_plan(recipe, datasets.info).teacher)
+    fit(teacher, replace(datasets, info=own), loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
         train_cfg=recipe.teacher.train, data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator,
-        out_dir=teacher_dir, seed=recipe.seed, resume=resume, label="teacher", progress=progress)
+        out_dir=teacher_dir, seed=recipe.seed, train_views=build_train_views(recipe.teacher.augment.jda, recipe.seed),
+        resume=resume, label="teacher", progress=progress)
 
 
 def _tracker_resume_step(run_dir: Path, recipe: Recipe) -> int:
@@ -104,8 +108,11 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
     # Everything that can be wrong with the input is checked before the run directory is touched.
     datasets = build_datasets(recipe.data)
     set_seed(recipe.seed)  # model initialisation depends on the seed alone
-    student = build_model(recipe.student.name, datasets.info.num_classes, recipe.student.weights)
-    teacher = build_model(recipe.teacher.name, datasets.info.num_classes, recipe.teacher.weights)
+    info = datasets.info
+    # A student may start from pretrained features for other classes (a fresh classifier); a teacher may not.
+    student = build_model(recipe.student.name, info.num_classes, recipe.student.weights, new_head=True,
+                          image_size=info.image_size)
+    teacher = build_model(recipe.teacher.name, info.num_classes, recipe.teacher.weights, image_size=info.image_size)
     loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
     train_views = build_train_views(recipe.augment.jda, recipe.seed)
     accelerator = accelerator or build_accelerator(recipe.runtime, run_dir)
@@ -127,7 +134,9 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
 
 def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator: Accelerator, student: nn.Module,
                   teacher: Teacher, loss_fn: LossFn, train_views: TrainViews, *, resume: bool, progress: bool) -> dict:
-    """Teacher (unless the recipe names its weights), then student; the summary of both."""
+    """Teacher (unless the recipe names its weights), then student; the summary of both.
+
+    The student's batches are normalised for the student; the teacher maps them to its own normalisation."""
     summary: dict = {"recipe": recipe.name, "run_dir": str(run_dir)}
     teacher_steps = 0
     if recipe.teacher.weights is None:
@@ -135,9 +144,11 @@ def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator
         train_teacher(recipe, teacher.model, datasets, teacher_dir, accelerator, resume=resume, progress=progress)
         summary["teacher"] = read_state(teacher_dir / BEST)["metrics"]
         teacher_steps = read_state(teacher_dir / LAST)["step"]
-        teacher = replace(teacher, model=load_teacher(run_dir, recipe, datasets.info.num_classes))
+        teacher = replace(teacher, model=load_teacher(run_dir, recipe, datasets.info))
+    else:
+        teacher = replace(teacher, model=teacher_on_student_inputs(teacher.model, normalization_plan(recipe, datasets.info)))
     if not is_finished(run_dir):
-        fit(student, datasets, loss_fn=loss_fn, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
+        fit(student, replace(datasets, info=student_info(recipe, datasets.info)), loss_fn=loss_fn, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
             accelerator=accelerator, out_dir=run_dir, seed=recipe.seed, teacher=teacher, train_views=train_views,
             resume=resume, label="student", progress=progress, log_step_offset=teacher_steps)
     summary["student"] = read_state(run_dir / BEST)["metrics"]

@@ -68,4 +68,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed every RNG is reset to at the start of `epoch`: the state there depends on (seed, epoch) alone."""
-    return seed * 1000 + epoch
+    return (seed * 1000 + epoch) % 2**32  # numpy's seed range; seeds below ~4.3M map as before

@@ -4,7 +4,7 @@ Counting. A trial is one attempt at a fault (one kill, one corrupt file, one fuz
 report trials through the `fault_trials` fixture (tests/reliability/conftest.py):
 
     def test_corrupt_manifest(fault_trials, tmp_path):
-        trials = fault_trials("bundle_fuzz")          # a key of FAULTS
+        trials = fault_trials("manifest_fuzz")        # a key of FAULTS
         for case in CASES:
             with trials.trial():                      # survived unless the block raises
                 ...                                   # do the damage, check the promise with asserts
@@ -40,40 +40,41 @@ class Fault:
     fault: str
     expected: str
     test: str  # test file, or file::function, under tests/reliability/
-    trials: Optional[int] = None  # the trials a test is written to run (its own loop bound); never shown
 
 
 FAULTS = {
     "sigkill": Fault("`kdtool distill` killed with SIGKILL at a random point (teacher or student, mid-epoch or "
                      "mid-checkpoint), with a half-written checkpoint and link left beside it",
                      "`--resume` finds a valid `last`; final metrics and weights equal an uninterrupted run's",
-                     "test_kill.py::test_sigkill_at_random_points_then_resume", 6),
+                     "test_kill.py::test_sigkill_at_random_points_then_resume"),
     "signal_cli": Fault("`kdtool distill` sent SIGINT / SIGTERM",
                         "saves first; one line naming where it stopped, exit 130 / 143; `--resume` ends equal",
-                        "test_kill.py::test_sigint_and_sigterm_stop_cleanly", 2),
+                        "test_kill.py::test_sigint_and_sigterm_stop_cleanly"),
     "signal_fit": Fault("SIGINT / SIGTERM at a chosen step (mid-epoch, mid-accumulation, epoch end), with dropout",
                         "a mid-epoch checkpoint; resuming gives bit-identical metrics and weights",
-                        "test_interrupt.py::test_signal_saves_then_resume_is_exact", 4),
+                        "test_interrupt.py::test_signal_saves_then_resume_is_exact"),
     "nan": Fault("loss becomes NaN/inf (absurd learning rate; a loss turning NaN in epoch 2)",
                  "exit 1 naming the epoch and step; the last good checkpoint kept and loadable",
-                 "test_kill.py::test_non_finite_loss_keeps_the_last_good_checkpoint", 2),
+                 "test_kill.py::test_non_finite_loss_keeps_the_last_good_checkpoint"),
     "lock": Fault("two `kdtool distill` on one run directory",
                   "the second refused, exit 2; the first finishes equal to a lone run",
-                  "test_kill.py::test_second_process_on_a_run_dir_is_refused", 1),
+                  "test_kill.py::test_second_process_on_a_run_dir_is_refused"),
     "corrupt": Fault("corrupt or foreign files: truncated safetensors, checkpoint of another architecture, truncated "
                      "ONNX, manifest missing, manifest naming a missing artefact, engine of another TensorRT version",
-                     "exit 2 with one line naming the file", "test_corrupt_files.py", 6),
+                     "exit 2 with one line naming the file", "test_corrupt_files.py"),
     "recipe_fuzz": Fault("fuzzed recipes: wrong types, missing/extra keys, unicode, huge numbers, NaN/inf, hostile "
                          "values (seeds, opsets, names, batch sizes), alias bombs, recursive aliases, deep nesting, "
                          "empty and binary files",
                          "never a traceback; exit 0, or exit 2 naming the key or file", "test_recipe_fuzz.py"),
-    "data": Fault("data faults: unreadable/truncated images (fail and skip), empty class folder, label out of range",
+    "data": Fault("data faults: unreadable/truncated images (fail and skip), decompression bombs, empty class "
+                  "folder, label out of range, directory links repeating a class, CIFAR-100 pickles that would run "
+                  "code, splits that leave a class out, out-of-range split seeds",
                   "fail: exit 2 naming the file; skip: trains, `skipped_images` in metrics.jsonl; exit 2 naming "
-                  "the folder / file and label", "test_data_faults.py", 4),
+                  "the folder / file and label", "test_data_faults.py"),
     "disk_full": Fault("disk full while writing a checkpoint (file-size limit; a full 4 MiB tmpfs where mounting is "
                        "allowed) and while writing a bundle",
                        "exit 2, one line; the previous `last` / bundle intact; `--resume` ends equal",
-                       "test_disk_full.py", 3),
+                       "test_disk_full.py"),
     "sweep": Fault("sweeps: a value given twice, invalid or unbuildable cells, cell names that sanitise alike, "
                    "`--out` onto a run or a user's directory, a stale cell of another recipe, malformed spec files",
                    "refused before any training with one line naming the culprit, exit 2; nothing of the user's "
@@ -82,6 +83,28 @@ FAULTS = {
                      "pickled code (torch zip, raw, under a .safetensors name), non-tensors, NaN weights, a FIFO, a "
                      "directory without a checkpoint, another class count or architecture",
                      "exit 2 with one line naming the file; no code from the file runs", "test_weights_files.py"),
+    "ownership": Fault("`--overwrite`, `--out`, `--resume` and checkpoint rotation aimed at what kdtool did not make: "
+                       "the working directory, its parents, home, a user's directory with a forged run marker, a "
+                       "symlinked run or `checkpoints/`, a dangling `last`, a run without `last`, `max_steps` on "
+                       "diverged weights, `kdtool run --resume` onto an existing bundle, hostile `--seed`s",
+                       "refused with one line, exit 2 (1 for diverged weights); the user's files and `best` untouched",
+                       "test_run_ownership.py"),
+    "bundle_ownership": Fault("`kdtool export` aimed at the working directory, its parents, home, user directories, "
+                              "a foreign manifest, symlinks, names and roots escaping `export/`",
+                              "refused with one line, exit 2; nothing of the user's touched",
+                              "test_bundle_faults.py::test_export_replaces_only_a_kdtool_bundle"),
+    "bundle_lock": Fault("`kdtool bench` racing `kdtool export --overwrite` on one bundle (both orders, in a "
+                         "subprocess); leftovers of killed writes (`.partial`, `.old`, `.lock`), kdtool's and not",
+                         "the second refused, exit 2; leftovers never read as bundles, only kdtool's cleaned",
+                         "test_bundle_faults.py"),
+    "bundle_bench": Fault("bundles that do not fit their manifest (names, shapes, class counts, kinds, paths "
+                          "escaping the bundle, hashes, engine targets) and artefacts that cannot run",
+                          "exit 2 in one line naming the bundle; an unloadable artefact exits 1; never 'gate passed'",
+                          "test_bundle_faults.py::test_bench_refuses_bundles_that_do_not_fit_their_manifest"),
+    "manifest_fuzz": Fault("fuzzed manifests (hypothesis: any JSON value at any key path, deletions, extra keys) and "
+                           "broken manifest bytes, deep nesting, huge documents",
+                           "never a traceback; exit 0, 1 (report written) or 2 in one line naming the manifest",
+                           "test_manifest_fuzz.py"),
     "unpickle": Fault("a pickle whose unpickling would create a file, planted as the recipe, teacher/student weights "
                       "(.pt zip, raw .pth, named .safetensors), a checkpoint's weights or state given as weights, to "
                       "export and to `--resume`, CIFAR-100's files, a bundle's manifest and reference arrays, the "

@@ -8,7 +8,6 @@ trials.trial()` block is one counted trial.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -30,26 +29,6 @@ from runs import REPO, reference, set_args  # noqa: F401
 
 FP32_ONLY = ["export.int8.enabled=false", "export.fp16=false"]
 FAST_BENCH = ["--iters", "1", "--batch", "1", "--no-progress"]
-
-
-class LocalTrials:
-    """Counts trials like figures.TrialCounter where a family has no FAULTS row yet (its owner adds them)."""
-
-    def __init__(self, family: str):
-        self.family, self.run, self.survived = family, 0, 0
-
-    @contextlib.contextmanager
-    def trial(self):
-        self.run += 1
-        yield
-        self.survived += 1
-
-
-def trials_of(fault_trials, family: str):
-    """The recorder's counter for `family` once figures.FAULTS lists it, else a local one."""
-    from figures import FAULTS
-
-    return fault_trials(family) if family in FAULTS else LocalTrials(family)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +62,7 @@ def user_files(directory: Path) -> dict:
 
 # ------------------------------------------------------------------ ownership
 def test_export_replaces_only_a_kdtool_bundle(reference, good_bundle, tmp_path, cli_runner, monkeypatch, fault_trials):
-    trials = trials_of(fault_trials, "bundle_ownership")
+    trials = fault_trials("bundle_ownership")
     run = reference[0]
     home = tmp_path / "home"
     (home / "notes").mkdir(parents=True)
@@ -132,7 +111,7 @@ def _lock_is_held(path: Path) -> bool:
 
 
 def test_bench_racing_export_overwrite_is_refused(reference, good_bundle, tmp_path, cli_runner, fault_trials):
-    trials = trials_of(fault_trials, "bundle_lock")
+    trials = fault_trials("bundle_lock")
     bundle = copy_of(good_bundle, tmp_path / "bundle")
     args = [sys.executable, "-m", "kdtool.cli", "export", str(reference[0]), "--out", str(bundle), "--overwrite",
             "--no-progress", *set_args(FP32_ONLY)]
@@ -159,7 +138,7 @@ def test_bench_racing_export_overwrite_is_refused(reference, good_bundle, tmp_pa
 
 def test_leftovers_are_never_bundles_and_only_kdtools_are_cleaned(reference, good_bundle, tmp_path, cli_runner,
                                                                  fault_trials):
-    trials = trials_of(fault_trials, "bundle_lock")
+    trials = fault_trials("bundle_lock")
     root = tmp_path / "export"
     bundle = copy_of(good_bundle, root / "b")
     ours = [copy_of(good_bundle, root / ".b.abcd1234.old"), root / ".b.efgh5678.partial", root / ".b.ijkl9012.partial"]
@@ -263,7 +242,7 @@ EXIT_2_CASES = {  # damage -> a fragment of the one error line
 
 
 def test_bench_refuses_bundles_that_do_not_fit_their_manifest(good_bundle, tmp_path, cli_runner, fault_trials):
-    trials = trials_of(fault_trials, "bundle_bench")
+    trials = fault_trials("bundle_bench")
     for name, (damage, fragment) in EXIT_2_CASES.items():
         with trials.trial():
             scratch = tmp_path / name.replace(" ", "_").replace("'", "").replace(":", "")
@@ -276,7 +255,7 @@ def test_bench_refuses_bundles_that_do_not_fit_their_manifest(good_bundle, tmp_p
 
 
 def test_bench_fails_an_artefact_that_cannot_run(good_bundle, tmp_path, cli_runner, fault_trials):
-    with trials_of(fault_trials, "bundle_bench").trial():
+    with fault_trials("bundle_bench").trial():
         bundle = copy_of(good_bundle, tmp_path / "bundle")
         (bundle / "model.fp32.onnx").write_bytes(b"\x08\x07garbage that ONNX Runtime cannot load")
         rehash(bundle, "fp32")

@@ -6,7 +6,6 @@ import signal
 
 import pytest
 
-from figures import FAULTS
 from kdtool.checkpoint import read_state
 from kdtool.errors import Interrupted
 from runs import fit_micro, kd_loss, metrics, on_call, same_weights
@@ -27,19 +26,21 @@ def send_once(signum: int):
     return action
 
 
-def test_signal_saves_then_resume_is_exact(tmp_path):
-    assert len(STOPS) == FAULTS["signal_fit"].trials
+def test_signal_saves_then_resume_is_exact(tmp_path, fault_trials):
+    trials = fault_trials("signal_fit")
     reference = tmp_path / "reference"
     fit_micro(reference)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     for signum, at_call in STOPS:
-        out = tmp_path / f"{signum.name}-{at_call}"
-        with pytest.raises(Interrupted) as stopped:
-            fit_micro(out, loss_fn=on_call(kd_loss(), at_call, send_once(signum)))
-        assert stopped.value.exit_code == 128 + signum and signum.name in str(stopped.value) and "--resume" in str(stopped.value)
-        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-        state = read_state(out / "last")
-        fit_micro(out, resume=True)
-        where = (signum.name, at_call, state["epoch"], state.get("mid_epoch", {}).get("batches"))
-        assert metrics(out) == metrics(reference), where
-        assert same_weights(out / "last", reference / "last"), where
+        with trials.trial():
+            out = tmp_path / f"{signum.name}-{at_call}"
+            with pytest.raises(Interrupted) as stopped:
+                fit_micro(out, loss_fn=on_call(kd_loss(), at_call, send_once(signum)))
+            message = str(stopped.value)
+            assert stopped.value.exit_code == 128 + signum and signum.name in message and "--resume" in message
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+            state = read_state(out / "last")
+            fit_micro(out, resume=True)
+            where = (signum.name, at_call, state["epoch"], state.get("mid_epoch", {}).get("batches"))
+            assert metrics(out) == metrics(reference), where
+            assert same_weights(out / "last", reference / "last"), where

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from kdtool.cli import cli
 from kdtool.export import export_bundle
 from runs import reference  # noqa: F401
-from test_bundle_faults import FAST_BENCH, FP32_ONLY, trials_of
+from test_bundle_faults import FAST_BENCH, FP32_ONLY
 
 CI_EXAMPLES = 200
 
@@ -93,12 +93,12 @@ def test_fuzzed_manifest_never_gives_a_traceback(bundle, data, fault_trials):
     action = data.draw(st.sampled_from(["replace", "delete", "add"]), label="action")
     value = data.draw(json_values, label="value")
     fuzzed = json.dumps(mutate(document, path, action, value), allow_nan=True).encode()
-    with trials_of(fault_trials, "manifest_fuzz").trial():
+    with fault_trials("manifest_fuzz").trial():
         assert bench_outcome(bundle, fuzzed) == "ok", (path, action, value)
 
 
 @pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage", b"[" * 100_000, b'{"format": ' * 5_000,
                                      b"null", b"[]", b'"a string"', b"1e999", b"{" + b'"a": 1, ' * 50_000 + b"}"])
 def test_broken_manifest_bytes(bundle, content, fault_trials):
-    with trials_of(fault_trials, "manifest_fuzz").trial():
+    with fault_trials("manifest_fuzz").trial():
         assert bench_outcome(bundle, content) == "ok"

@@ -122,13 +122,7 @@ def cifar100_files(root: Path) -> Path:
     return root
 
 
-CIFAR_READER_UNSAFE = pytest.mark.xfail(
-    strict=True, reason="kdtool/data.py reads CIFAR-100 with torchvision's reader, which unpickles (allow-list "
-                        "unpickler pending)")
-
-
 @pytest.mark.parametrize("file", ["train", "test", "meta"])
-@CIFAR_READER_UNSAFE
 def test_cifar100_files(file, marker, tmp_path, cli_runner):
     from kdtool.data import build_datasets
     from kdtool.recipe import DataConfig
@@ -154,7 +148,6 @@ def _exported_bundle(reference, tmp_path) -> Path:
                          progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="bundles carry no reference arrays yet (the bundle helper is adding them)")
 def test_bundle_reference_arrays(reference, marker, tmp_path, cli_runner):
     bundle = _exported_bundle(reference, tmp_path)
     arrays = sorted(p for p in bundle.rglob("*") if p.suffix in (".npy", ".npz", ".safetensors") and "reference" in str(p))
