@@ -1,7 +1,7 @@
 """TensorRT engines from the bundle's ONNX models (TensorRT >= 10.12 and 11.x), and loading them back safely.
 
 Networks are strongly typed: precision comes from the ONNX graph, never from builder flags (TensorRT 11
-removed BuilderFlag.FP16/INT8 and every other weak-typing API; 'Migrating from TensorRT 10.x to 11.x').
+removed the FP16/INT8 builder precision flags and every other weak-typing API; 'Migrating from TensorRT 10.x to 11.x').
 The FP16 engine is built from the FP16 ONNX graph (float16 compute, float32 I/O), the INT8 engine from the
 symmetric Q/DQ graph made for TensorRT (explicit quantisation: scales from the Q/DQ nodes, no calibrator);
 everything else runs in the precision its ONNX types say. An engine only runs on the TensorRT version and
