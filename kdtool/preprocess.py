@@ -139,11 +139,6 @@ class Renormalize(nn.Module):
         return self.model(torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype)))
 
 
-def student_info(recipe: Recipe, info: DataInfo) -> DataInfo:
-    """The dataset's `info` with the student's normalisation: what its batches, evaluation and bundle use."""
-    return with_normalization(info, normalization_plan(recipe, info).student)
-
-
 def teacher_on_student_inputs(teacher: nn.Module, plan: NormalizationPlan) -> nn.Module:
     """`teacher` taking the student-normalised batch: wrapped in `Renormalize` unless both expect the same."""
     if plan.teacher.same_values(plan.student):

@@ -39,7 +39,7 @@ from kdtool.export.quantize import (
 from kdtool.export.runner import ort_session, run_batched
 from kdtool.export.tensorrt import build_engine, require_tensorrt
 from kdtool.io import sha256_file, staging_dir
-from kdtool.preprocess import normalization_plan, student_info
+from kdtool.preprocess import normalization_plan, with_normalization
 from kdtool.recipe import Recipe, dump_recipe, load_recipe
 from kdtool.rundir import RECIPE_FILE, best_checkpoint, find_latest_run, load_student, load_teacher  # noqa: F401
 from kdtool.rundir import run_recipe as _run_recipe
@@ -103,16 +103,18 @@ def export_bundle(run_dir: Path, *, out: Path | None = None, trt: bool = False, 
         clean_leftovers(target)
         datasets = build_datasets(recipe.data)
         model = load_student(run_dir, recipe, datasets.info)
-        student_data = replace(datasets, info=student_info(recipe, datasets.info))
+        teacher = load_teacher(run_dir, recipe, datasets.info)  # takes the student's inputs
+        normalization = normalization_plan(recipe, datasets.info).student
+        student_data = replace(datasets, info=with_normalization(datasets.info, normalization))
         with staging_dir(target, overwrite=overwrite) as staging:
             (staging / STAGING_MARKER).touch()
             artefacts, calibration = _onnx_artefacts(staging, model, student_data, recipe, say)
-            reference = _reference_set(staging, model, run_dir, datasets, recipe, say)
+            reference = _reference_set(staging, model, teacher, student_data, recipe, say)
             if trt:
                 artefacts.update(_engines(staging, artefacts, recipe, student_data.info.image_size, say))
             (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
-            manifest = _manifest(recipe, student_data.info, run_dir, checkpoint, calibration, reference,
-                                 _with_files(staging, artefacts), trt)
+            manifest = _manifest(recipe, student_data.info, normalization.why, run_dir, checkpoint, calibration,
+                                 reference, _with_files(staging, artefacts), trt)
             write_manifest(staging, manifest)
             (staging / STAGING_MARKER).unlink()
     say(f"bundle written to {target}")
@@ -204,14 +206,15 @@ def _verify_fp16(path: Path, images, reference, recipe: Recipe) -> dict | str:
                          min_top1_agreement=cfg.fp16_min_top1_agreement)
 
 
-def _reference_set(staging: Path, model: torch.nn.Module, run_dir: Path, datasets: Datasets, recipe: Recipe, say) -> dict:
-    """The first N validation images (uint8), labels, teacher and float-student logits, saved into the bundle."""
-    info = student_info(recipe, datasets.info)
+def _reference_set(staging: Path, model: torch.nn.Module, teacher: torch.nn.Module, datasets: Datasets, recipe: Recipe,
+                   say) -> dict:
+    """The first N validation images (uint8), labels, teacher and float-student logits, saved into the bundle.
+    `datasets.info` holds the student's normalisation, which both models take."""
+    info = datasets.info
     count = layout.reference_count(recipe.export.reference_images, len(datasets.val), info.image_size,
                                    info.num_classes)
     images, labels = first_images(datasets.val, recipe.data, count)
     inputs = preprocess(torch.from_numpy(images), info)
-    teacher = load_teacher(run_dir, recipe, datasets.info)
     arrays = {"images": images, "labels": labels,
               "teacher_logits": torch_logits(teacher, inputs).astype(np.float32),
               "student_logits": torch_logits(model, inputs).astype(np.float32)}
@@ -309,8 +312,8 @@ def _validated(data: dict) -> Manifest:
     return Manifest.model_validate_json(json.dumps(data))
 
 
-def _manifest(recipe: Recipe, info: DataInfo, run_dir: Path, checkpoint: Path, calibration: dict | None,
-              reference: dict, artefacts: dict, trt: bool) -> Manifest:
+def _manifest(recipe: Recipe, info: DataInfo, normalization: str, run_dir: Path, checkpoint: Path,
+              calibration: dict | None, reference: dict, artefacts: dict, trt: bool) -> Manifest:
     size = info.image_size
     return _validated({
         "format": {"name": layout.FORMAT_NAME, "version": layout.FORMAT_VERSION},
@@ -320,7 +323,7 @@ def _manifest(recipe: Recipe, info: DataInfo, run_dir: Path, checkpoint: Path, c
             "image_size": size, "height": size, "width": size, "layout": "NCHW", "channels": "RGB",
             "dtype": "float32", "pipeline": PREPROCESSING, "scale": 1 / 255,
             "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
-            "normalization": normalization_plan(recipe, info).student.why,
+            "normalization": normalization,
             "class_names": [str(name) for name in info.class_names],
         },
         "opset": recipe.export.opset,

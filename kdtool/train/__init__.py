@@ -29,7 +29,7 @@ from kdtool.errors import KdtoolError
 from kdtool.io import write_json_atomic
 from kdtool.losses import LossFn, build_loss
 from kdtool.models import build_model
-from kdtool.preprocess import normalization_plan, student_info, teacher_on_student_inputs, with_normalization
+from kdtool.preprocess import normalization_plan, teacher_on_student_inputs, with_normalization
 from kdtool.recipe import MethodConfig, Recipe, dump_recipe, load_recipe, save_recipe
 from kdtool.rundir import (
     BEST, LAST, RECIPE_FILE, SUMMARY_FILE, TEACHER_DIR, check_run_target, claim, clear_run, has_checkpoint, has_content,
@@ -84,8 +84,8 @@ def train_teacher(recipe: Recipe, teacher: nn.Module, datasets: Datasets, teache
     if is_finished(teacher_dir):
         return
     own = with_normalization(datasets.info, normalization_plan(recipe, datasets.info).teacher)
-    fit(teacher, replace(datasets, info=own), loss_fn=build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0],
-        train_cfg=recipe.teacher.train, data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator,
+    loss_fn = build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0]
+    fit(teacher, replace(datasets, info=own), loss_fn=loss_fn, train_cfg=recipe.teacher.train, data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator,
         out_dir=teacher_dir, seed=recipe.seed, train_views=build_train_views(recipe.teacher.augment.jda, recipe.seed),
         resume=resume, label="teacher", progress=progress)
 
@@ -138,6 +138,7 @@ def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator
 
     The student's batches are normalised for the student; the teacher maps them to its own normalisation."""
     summary: dict = {"recipe": recipe.name, "run_dir": str(run_dir)}
+    plan = normalization_plan(recipe, datasets.info)
     teacher_steps = 0
     if recipe.teacher.weights is None:
         teacher_dir = run_dir / TEACHER_DIR
@@ -146,9 +147,10 @@ def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator
         teacher_steps = read_state(teacher_dir / LAST)["step"]
         teacher = replace(teacher, model=load_teacher(run_dir, recipe, datasets.info))
     else:
-        teacher = replace(teacher, model=teacher_on_student_inputs(teacher.model, normalization_plan(recipe, datasets.info)))
+        teacher = replace(teacher, model=teacher_on_student_inputs(teacher.model, plan))
     if not is_finished(run_dir):
-        fit(student, replace(datasets, info=student_info(recipe, datasets.info)), loss_fn=loss_fn, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
+        student_data = replace(datasets, info=with_normalization(datasets.info, plan.student))
+        fit(student, student_data, loss_fn=loss_fn, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
             accelerator=accelerator, out_dir=run_dir, seed=recipe.seed, teacher=teacher, train_views=train_views,
             resume=resume, label="student", progress=progress, log_step_offset=teacher_steps)
     summary["student"] = read_state(run_dir / BEST)["metrics"]
