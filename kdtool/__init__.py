@@ -7,28 +7,45 @@ Every stage is usable without the CLI::
     summary = distill(recipe, "runs/quickstart")
     bundle = export_bundle("runs/quickstart")
     report = run_bench(bundle)
+
+Names are imported on first use (PEP 562), so ``import kdtool`` (and the CLI's ``--help``) does not
+import torch or any stage it does not touch.
 """
-from kdtool.augment import JointAugment, POLICIES, TrainViews, build_jda, build_train_views, joint_batch
-from kdtool.data import DATASETS, DataInfo, build_datasets, build_loader, normalize
-from kdtool.errors import CheckFailed, KdtoolError
-from kdtool.evaluate import classification_metrics, predict, topk_accuracy
-from kdtool.losses import METHODS, build_loss, ccd, dist, dkd, kd, vanilla
-from kdtool.models import MODELS, build_model
-from kdtool.preprocess import Normalization, Renormalize, normalization_plan, teacher_on_student_inputs
-from kdtool.recipe import METHOD_SETTINGS, Recipe, RecipeError, load_recipe, parse_yaml, recipe_from_dict
-from kdtool.rundir import load_student, load_teacher
-from kdtool.train import distill, fit
-from kdtool.export import export_bundle, read_manifest, rebuild_engines
-from kdtool.bench import load_bundle, run_bench
-from kdtool.sweep import run_sweep
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckFailed", "DATASETS", "DataInfo", "JointAugment", "KdtoolError", "METHODS", "METHOD_SETTINGS", "MODELS",
-    "Normalization", "POLICIES", "Recipe", "RecipeError", "Renormalize", "TrainViews", "build_datasets", "build_jda",
-    "build_loader", "build_loss", "build_model", "build_train_views", "ccd", "classification_metrics", "dist", "distill",
-    "dkd", "export_bundle", "fit", "joint_batch", "kd", "load_bundle", "load_recipe", "load_student", "load_teacher",
-    "normalization_plan", "normalize", "parse_yaml", "predict", "read_manifest", "rebuild_engines", "recipe_from_dict",
-    "run_bench", "run_sweep", "teacher_on_student_inputs", "topk_accuracy", "vanilla",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "kdtool.augment": ["JointAugment", "POLICIES", "TrainViews", "build_jda", "build_train_views", "joint_batch"],
+    "kdtool.data": ["DATASETS", "DataInfo", "build_datasets", "build_loader", "normalize"],
+    "kdtool.errors": ["CheckFailed", "KdtoolError"],
+    "kdtool.evaluate": ["classification_metrics", "predict", "topk_accuracy"],
+    "kdtool.losses": ["METHODS", "Objective", "build_loss", "ccd", "cross_entropy", "dist", "dkd", "kd"],
+    "kdtool.models": ["MODELS", "build_model"],
+    "kdtool.preprocess": ["Normalization", "Renormalize", "normalization_plan", "teacher_on_student_inputs"],
+    "kdtool.recipe": ["METHOD_SETTINGS", "Recipe", "RecipeError", "load_recipe", "parse_yaml", "recipe_from_dict"],
+    "kdtool.rundir": ["load_student", "load_teacher"],
+    "kdtool.train": ["distill", "fit"],
+    "kdtool.export": ["export_bundle", "read_manifest", "rebuild_engines"],
+    "kdtool.bench": ["load_bundle", "run_bench"],
+    "kdtool.sweep": ["run_sweep"],
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kdtool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

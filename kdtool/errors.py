@@ -6,7 +6,7 @@ exit 1 for a failed check) and shows the traceback only with ``--debug``.
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, Mapping, TypeVar
+from typing import Callable, Generic, Iterator, Mapping, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -35,6 +35,21 @@ def closest(name: str, choices) -> str:
     """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def describe_error(error: Mapping) -> str:
+    """One pydantic error as 'key.path: message'."""
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message[:1].lower() + message[1:]}"
+
+
+def validation_message(exc, describe: Optional[Callable[[Mapping], str]] = None) -> str:
+    """A pydantic ``ValidationError`` on one line: its first error (through `describe`, default
+    `describe_error`) and how many more there are. The one formatter of validation errors in kdtool."""
+    describe = describe or describe_error
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{describe(exc.errors(include_url=False)[0])}{more}"
 
 
 class Registry(Generic[T], Mapping[str, T]):

@@ -1,25 +1,31 @@
-"""Distillation methods behind one interface.
+"""Distillation methods behind one interface, and the one place where they meet cross-entropy.
 
-Every method is ``fn(student_logits, teacher_logits, targets, views, *, epoch=0.0) -> dict`` with the
-scalar to optimise under ``"loss"`` and its named parts beside it, for the trainer to log. Logits
-follow the joint batch layout of `kdtool.augment`: rows ``[originals (B); view 1 (B); ...; view V (B)]``;
-``targets`` holds the B plain class labels of the originals (JDA views share them). ``epoch`` is the
-fractional number of epochs elapsed (DKD's warm-up reads it; the others accept and ignore it).
+A method's *term* is ``fn(student_logits, teacher_logits, targets, views, *, epoch, **settings) -> dict``:
+its distillation term under ``"distill"`` (already x T^2 and weighted within the method), and its
+named parts beside it. Logits follow the joint batch layout of `kdtool.augment`: rows
+``[originals (B); view 1 (B); ...; view V (B)]``; ``targets`` holds the B plain class labels of the
+originals (JDA views share them). ``epoch`` is the fractional number of epochs elapsed (DKD's
+warm-up reads it; the others ignore it).
 
-A method is a loss function here plus its settings class in `kdtool.recipe` (``METHOD_SETTINGS``),
-registered together in ``METHODS``.
+`Objective` adds cross-entropy (with the recipe's label smoothing) and the weights, once, for every
+method::
+
+    loss = kd_weight * (alpha * CE_smoothed(all samples) + (1 - alpha) * distill)
+
+and `vanilla` is the CE alone. A method is a term here plus its settings class in `kdtool.recipe`
+(``METHOD_SETTINGS``), registered together in ``METHODS``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-from typing import Callable
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from kdtool.errors import KdtoolError, Registry
-from kdtool.recipe import METHOD_SETTINGS, MethodConfig
+from kdtool.recipe import METHOD_SETTINGS, MethodConfig, VanillaMethod
 
 LossFn = Callable[..., dict]  # (student_logits, teacher_logits | None, targets, views, *, epoch=0.0) -> dict
 
@@ -31,24 +37,21 @@ def per_sample_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
 
 
-def _all_targets(targets: torch.Tensor, views: int) -> torch.Tensor:
+def all_targets(targets: torch.Tensor, views: int) -> torch.Tensor:
+    """The labels of every row of the joint batch (each view keeps its original's label)."""
     return targets.repeat(1 + views)
 
 
-def vanilla(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0,
-            label_smoothing: float = 0.0) -> dict:
-    """Cross-entropy on every sample (originals and views); the teacher is ignored."""
-    ce = F.cross_entropy(student_logits.float(), _all_targets(targets, views), label_smoothing=label_smoothing)
-    return {"loss": ce, "ce": ce}
+def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, views: int,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over every sample (originals and views), with label smoothing."""
+    return F.cross_entropy(student_logits.float(), all_targets(targets, views), label_smoothing=label_smoothing)
 
 
-def kd(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float, alpha: float,
-       kd_weight: float) -> dict:
-    """Hinton KD over every sample: kd_weight * (alpha * CE + (1 - alpha) * T^2 * KL)."""
-    ce = F.cross_entropy(student_logits.float(), _all_targets(targets, views))
+def kd(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float) -> dict:
+    """Hinton KD over every sample: T^2 * mean KL(P(t) || P(s))."""
     kl = per_sample_kl(teacher_logits, student_logits, temperature).mean()
-    loss = kd_weight * (alpha * ce + (1 - alpha) * temperature**2 * kl)
-    return {"loss": loss, "ce": ce, "kl": kl}
+    return {"distill": temperature**2 * kl, "kl": kl}
 
 
 def ccd_weights(teacher_logits: torch.Tensor, views: int) -> torch.Tensor:
@@ -58,26 +61,20 @@ def ccd_weights(teacher_logits: torch.Tensor, views: int) -> torch.Tensor:
     return 1 + F.cosine_similarity(originals, teacher_logits[batch:].float(), dim=1)
 
 
-def ccd(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float, alpha: float,
-        kd_weight: float) -> dict:
-    """Cosine Confidence Distillation: KD on the originals plus cosine-weighted KD on the views.
-
-    kd_weight * (alpha * CE(all) + (1 - alpha) * T^2 * (L_orig + L_aug) / 2), where
-    L_aug = mean_i (1 + cos(t_o,i, t_a,i)) * KL(P(t_a,i) || P(s_a,i)).
+def ccd(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float) -> dict:
+    """Cosine Confidence Distillation: T^2 * (L_orig + L_aug) / 2, where L_orig is the mean KL on the
+    originals and L_aug = mean_i (1 + cos(t_o,i, t_a,i)) * KL(P(t_a,i) || P(s_a,i)) on the views.
     Without views it is plain KD on the originals.
     """
-    ce = F.cross_entropy(student_logits.float(), _all_targets(targets, views))
     kl = per_sample_kl(teacher_logits, student_logits, temperature)
     batch = targets.shape[0]
     kl_orig = kl[:batch].mean()
     if views == 0:
-        soft, parts = kl_orig, {}
-    else:
-        weights = ccd_weights(teacher_logits, views).detach()
-        kl_aug = (weights * kl[batch:]).mean()
-        soft, parts = (kl_orig + kl_aug) / 2, {"kl_aug": kl_aug, "weight_mean": weights.mean()}
-    loss = kd_weight * (alpha * ce + (1 - alpha) * temperature**2 * soft)
-    return {"loss": loss, "ce": ce, "kl_orig": kl_orig, **parts}
+        return {"distill": temperature**2 * kl_orig, "kl_orig": kl_orig}
+    weights = ccd_weights(teacher_logits, views).detach()
+    kl_aug = (weights * kl[batch:]).mean()
+    return {"distill": temperature**2 * (kl_orig + kl_aug) / 2, "kl_orig": kl_orig, "kl_aug": kl_aug,
+            "weight_mean": weights.mean()}
 
 
 # ---------------------------------------------------------------- DKD
@@ -95,27 +92,38 @@ def _kl_from_log(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=1)
 
 
-def dkd(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float, alpha: float,
-        kd_weight: float, tckd_weight: float, nckd_weight: float, warmup_epochs: float) -> dict:
+def dkd_warmup(epoch: float, warmup_epochs: float, ramp: str = "per_epoch") -> float:
+    """DKD's warm-up factor after `epoch` (fractional) epochs of training.
+
+    ``per_epoch`` is the authors' schedule (mdistiller ``DKD.forward_train``): min(e / warmup, 1) with
+    e the 1-based number of the epoch being trained, so 1 / warmup throughout epoch 1 and no warm-up
+    at all for warmup 1. ``per_step`` ramps continuously from 0 at the first step.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    elapsed = math.floor(epoch) + 1 if ramp == "per_epoch" else epoch
+    return min(elapsed / warmup_epochs, 1.0)
+
+
+def dkd(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float,
+        tckd_weight: float, nckd_weight: float, warmup_epochs: float, warmup_ramp: str = "per_epoch") -> dict:
     """Decoupled KD (Zhao et al., CVPR 2022) over every sample, originals and views.
 
     TCKD = KL(b_t || b_s) on the binary (target, non-target) split of softmax(z / T);
-    NCKD = KL(p̂_t || p̂_s) on softmax(z / T) over the non-target classes alone; both x T^2.
-    kd_weight * (alpha * CE + (1 - alpha) * ramp * (tckd_weight * TCKD + nckd_weight * NCKD)), with
-    ramp = min(epoch / warmup_epochs, 1) (1 without warm-up).
+    NCKD = KL(p̂_t || p̂_s) on softmax(z / T) over the non-target classes alone; both x T^2, averaged
+    over samples. The term is warmup * (tckd_weight * TCKD + nckd_weight * NCKD) (see `dkd_warmup`).
     """
     if student_logits.shape[1] < 2:
         raise KdtoolError(f"method dkd needs at least 2 classes, got {student_logits.shape[1]}")
-    labels = _all_targets(targets, views)
-    ce = F.cross_entropy(student_logits.float(), labels)
+    labels = all_targets(targets, views)
     binary_t, rest_t = _target_and_rest(teacher_logits, labels, temperature)
     binary_s, rest_s = _target_and_rest(student_logits, labels, temperature)
     tckd = temperature**2 * _kl_from_log(binary_t, binary_s).mean()
     nckd = temperature**2 * _kl_from_log(F.log_softmax(rest_t / temperature, dim=1),
                                          F.log_softmax(rest_s / temperature, dim=1)).mean()
-    ramp = min(epoch / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
-    loss = kd_weight * (alpha * ce + (1 - alpha) * ramp * (tckd_weight * tckd + nckd_weight * nckd))
-    return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd, "warmup": ce.new_tensor(ramp)}
+    warmup = dkd_warmup(epoch, warmup_epochs, warmup_ramp)
+    return {"distill": warmup * (tckd_weight * tckd + nckd_weight * nckd), "tckd": tckd, "nckd": nckd,
+            "warmup": tckd.new_tensor(warmup)}
 
 
 # ---------------------------------------------------------------- DIST
@@ -125,57 +133,79 @@ def _mean_pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
     return ((a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)).mean()
 
 
-def dist(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float, alpha: float,
-         kd_weight: float, inter_weight: float, intra_weight: float) -> dict:
+def dist(student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0, temperature: float,
+         inter_weight: float, intra_weight: float) -> dict:
     """DIST (Huang et al., NeurIPS 2022) over the joint batch (originals and views together).
 
     With Y = softmax(z / T) (rows: samples, columns: classes):
     inter = T^2 * (1 - mean over samples of pearson(Y_s[i], Y_t[i])),
     intra = T^2 * (1 - mean over classes of pearson(Y_s[:, c], Y_t[:, c])),
-    kd_weight * (alpha * CE + (1 - alpha) * (inter_weight * inter + intra_weight * intra)).
+    and the term is inter_weight * inter + intra_weight * intra.
     """
-    ce = F.cross_entropy(student_logits.float(), _all_targets(targets, views))
     y_s = F.softmax(student_logits.float() / temperature, dim=1)
     y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
     inter = temperature**2 * (1 - _mean_pearson(y_s, y_t))
     intra = temperature**2 * (1 - _mean_pearson(y_s.T, y_t.T))
-    loss = kd_weight * (alpha * ce + (1 - alpha) * (inter_weight * inter + intra_weight * intra))
-    return {"loss": loss, "ce": ce, "inter": inter, "intra": intra}
+    return {"distill": inter_weight * inter + intra_weight * intra, "inter": inter, "intra": intra}
 
 
-# ---------------------------------------------------------------- registry
-def _build_vanilla(cfg: MethodConfig, label_smoothing: float) -> LossFn:
-    return partial(vanilla, label_smoothing=label_smoothing)
+# ---------------------------------------------------------------- the combiner
+# Settings every distillation method shares; the combiner reads them, the terms do not.
+COMBINER_SETTINGS = ("name", "alpha", "kd_weight")
 
 
-def _distillation(fn) -> Callable[[MethodConfig, float], LossFn]:
-    """A builder binding every setting of the method's settings class (shared and its own) to `fn`."""
-    return lambda cfg, _: partial(fn, **cfg.model_dump(exclude={"name"}))
+@dataclass(frozen=True)
+class Objective:
+    """The training loss of one method: CE (label-smoothed) and the method's term, weighted once.
+
+    ``kd_weight * (alpha * CE + (1 - alpha) * term["distill"])``, or CE alone without a term (vanilla).
+    Returns ``{"loss", "ce", <the term's parts>}``.
+    """
+
+    term: Optional[Callable[..., dict]] = None
+    settings: dict = field(default_factory=dict)  # the term's own keyword settings (temperature, ...)
+    alpha: float = 1.0
+    kd_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __call__(self, student_logits, teacher_logits, targets, views: int, *, epoch: float = 0.0) -> dict:
+        ce = cross_entropy(student_logits, targets, views, self.label_smoothing)
+        if self.term is None:
+            return {"loss": ce, "ce": ce}
+        parts = self.term(student_logits, teacher_logits, targets, views, epoch=epoch, **self.settings)
+        loss = self.kd_weight * (self.alpha * ce + (1 - self.alpha) * parts["distill"])
+        return {"loss": loss, "ce": ce, **parts}
 
 
 @dataclass(frozen=True)
 class Method:
-    build: Callable[[MethodConfig, float], LossFn]
-    needs_teacher: bool
+    term: Optional[Callable[..., dict]]  # None: cross-entropy alone
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.term is not None
 
 
 METHODS: Registry[Method] = Registry("method", {
-    "vanilla": Method(_build_vanilla, False),
-    "kd": Method(_distillation(kd), True),
-    "ccd": Method(_distillation(ccd), True),
-    "dkd": Method(_distillation(dkd), True),
-    "dist": Method(_distillation(dist), True),
+    "vanilla": Method(None),
+    "kd": Method(kd),
+    "ccd": Method(ccd),
+    "dkd": Method(dkd),
+    "dist": Method(dist),
 })
 
 
-def build_loss(cfg: MethodConfig, label_smoothing: float = 0.0) -> tuple[LossFn, bool]:
-    """The recipe's method as ``(loss_fn, needs_teacher)``.
+def build_loss(cfg: MethodConfig | VanillaMethod, label_smoothing: float = 0.0) -> tuple[Objective, bool]:
+    """The recipe's method as ``(loss_fn, needs_teacher)``, cross-entropy smoothed by `label_smoothing`.
 
-    `cfg` may be the method's own settings class or the shared `MethodConfig`, whose missing
-    method-specific settings then take their defaults.
+    `cfg` may be the method's own settings class or the shared `MethodConfig`; the settings it does
+    not set take the method's defaults, and a setting the method does not have is refused.
     """
     method = METHODS[cfg.name]
     settings_class = METHOD_SETTINGS[cfg.name]
     if not isinstance(cfg, settings_class):
-        cfg = settings_class.model_validate(cfg.model_dump())
-    return method.build(cfg, label_smoothing), method.needs_teacher
+        cfg = settings_class.model_validate(cfg.model_dump(exclude_unset=True) | {"name": cfg.name})
+    if method.term is None:
+        return Objective(label_smoothing=label_smoothing), False
+    settings = cfg.model_dump(exclude=set(COMBINER_SETTINGS))
+    return Objective(method.term, settings, cfg.alpha, cfg.kd_weight, label_smoothing), True

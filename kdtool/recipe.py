@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+                      create_model, field_validator, model_serializer, model_validator)
 
-from kdtool.errors import KdtoolError, closest
+from kdtool.errors import KdtoolError, closest, validation_message
 
 
 class RecipeError(KdtoolError):
@@ -133,19 +133,21 @@ class TeacherConfig(ModelConfig):
 
 # ---------------------------------------------------------------- method and augmentation
 class MethodConfig(_Section):
-    """Settings every method shares (so `--set method.name=X` works over any method section).
+    """Settings every distillation method shares (so `--set method.name=X` works over any of them).
 
-    Vanilla ignores them; each distillation method reads them as
-    ``kd_weight * (alpha * CE + (1 - alpha) * its distillation term at temperature T)``.
+    The combiner (`kdtool.losses.Objective`) reads alpha and kd_weight, once for every method:
+    ``kd_weight * (alpha * CE + (1 - alpha) * the method's term at temperature T)``; CE weighs
+    kd_weight * alpha, the term kd_weight * (1 - alpha).
     """
     name: str = "ccd"
     temperature: float = Field(4.0, gt=0, le=100)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the cross-entropy term")
-    kd_weight: float = Field(2.0, ge=0, le=1000)
+    alpha: float = Field(0.5, ge=0, lt=1, description="share of the cross-entropy term (below 1: at 1 nothing is "
+                                                       "distilled, use method vanilla)")
+    kd_weight: float = Field(2.0, gt=0, le=1000, description="scale of the whole loss")
 
 
-class VanillaMethod(MethodConfig):
-    """Cross-entropy alone; no teacher."""
+class VanillaMethod(_Section):
+    """Cross-entropy alone; no teacher, so no temperature or weights."""
     name: Literal["vanilla"] = "vanilla"
 
 
@@ -160,27 +162,67 @@ class CCDMethod(MethodConfig):
 
 
 class DKDMethod(MethodConfig):
-    """Decoupled KD (Zhao et al., CVPR 2022); defaults are the authors' CIFAR-100 ones (mdistiller)."""
+    """Decoupled KD (Zhao et al., CVPR 2022); defaults are the authors' CIFAR-100 ones (mdistiller
+    mdistiller/engine/cfg.py: CE_WEIGHT 1, ALPHA 1, BETA 8, T 4, WARMUP 20; CE 1 + DKD 1 is alpha 0.5, kd_weight 2)."""
     name: Literal["dkd"] = "dkd"
     tckd_weight: float = Field(1.0, ge=0, le=1000, description="target-class KL weight (the paper's alpha)")
     nckd_weight: float = Field(8.0, ge=0, le=1000, description="non-target-class KL weight (the paper's beta)")
-    warmup_epochs: float = Field(20.0, ge=0, le=10_000, description="linear ramp of the DKD term from 0; 0 = none")
+    warmup_epochs: float = Field(20.0, ge=0, le=10_000, description="epochs over which the DKD term ramps up; 0 = none")
+    warmup_ramp: Literal["per_epoch", "per_step"] = Field(
+        "per_epoch", description="per_epoch: min(e / warmup_epochs, 1) with e the 1-based epoch number (the authors'); "
+                                 "per_step: a continuous ramp from 0 at the first step")
+
+    @model_validator(mode="after")
+    def _ramp_needs_warmup(self):
+        if self.warmup_ramp != "per_epoch" and self.warmup_epochs == 0:
+            raise ValueError("warmup_ramp per_step has no effect with warmup_epochs 0 (no warm-up)")
+        return self
 
 
 class DISTMethod(MethodConfig):
-    """DIST (Huang et al., NeurIPS 2022): Pearson relations of softmax(z / T) within and across samples."""
+    """DIST (Huang et al., NeurIPS 2022): Pearson relations of softmax(z / T) within and across samples.
+    Defaults are the authors' CIFAR-100 ones (hunto/image_classification_sota
+    configs/strategies/distill/dist_cifar.yaml: ori_loss_weight 1, kd_loss_weight 2, kd dist_t4)."""
     name: Literal["dist"] = "dist"
+    alpha: float = Field(1 / 3, ge=0, lt=1, description="share of the cross-entropy term; 1/3 with kd_weight 3 is "
+                                                         "the authors' CE 1 + DIST 2")
+    kd_weight: float = Field(3.0, gt=0, le=1000, description="scale of the whole loss")
     inter_weight: float = Field(1.0, ge=0, le=1000, description="inter-class relation weight (the paper's beta)")
     intra_weight: float = Field(1.0, ge=0, le=1000, description="intra-class relation weight (the paper's gamma)")
 
 
-# One class per method, chosen by `name`; a new method adds its class here and its loss in kdtool.losses.
+# One class per method, chosen by `name`; a new method adds its class here and its term in kdtool.losses.
 MethodSettings = Annotated[
     Union[VanillaMethod, KDMethod, CCDMethod, DKDMethod, DISTMethod], Field(discriminator="name")
 ]
-METHOD_SETTINGS: dict[str, type[MethodConfig]] = {
+METHOD_SETTINGS: dict[str, type[_Section]] = {
     cls.model_fields["name"].default: cls for cls in get_args(get_args(MethodSettings)[0])
 }
+
+
+class _MethodTableBase(_Section):
+    @model_serializer(mode="wrap")
+    def _given_entries_only(self, handler):
+        return {name: entry for name, entry in handler(self).items() if entry is not None}
+
+
+# `methods:` in a recipe: settings kept per method; the entry of the method `method.name` selects fills the keys
+# the `method` section leaves unset (so a recipe can carry the authors' settings of every method).
+MethodTable = create_model("MethodTable", __base__=_MethodTableBase, **{
+    name: (Optional[cls], Field(None, description=f"settings of method {name}")) for name, cls in METHOD_SETTINGS.items()
+})
+
+
+def resolve_method_section(data: Any) -> Any:
+    """Recipe data with `method` completed from `methods.<method.name>` (the method's own keys win)."""
+    if not isinstance(data, dict) or not isinstance(data.get("method", {}), dict):
+        return data
+    method = {"name": "ccd", **data.get("method", {})}
+    table = data.get("methods")
+    entry = table.get(method["name"]) if isinstance(table, dict) else None
+    if isinstance(entry, dict):
+        method = {**entry, **method}
+    return {**data, "method": method}
 
 
 def _tracker_name(name: str) -> str:
@@ -316,6 +358,8 @@ class Recipe(_Section):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig
     student: ModelConfig
+    methods: MethodTable = Field(default_factory=MethodTable, description="per-method settings; method.name's fills "
+                                 "the keys the method section leaves unset")
     method: MethodSettings = Field(default_factory=CCDMethod)
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
@@ -323,10 +367,16 @@ class Recipe(_Section):
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
 
-    @field_validator("method", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _default_method_name(cls, value):
-        return {**value, "name": "ccd"} if isinstance(value, dict) and "name" not in value else value
+    def _complete_method(cls, data):
+        return resolve_method_section(data)
+
+    @model_validator(mode="after")
+    def _smoothing_has_a_ce_term(self):
+        if self.train.label_smoothing > 0 and getattr(self.method, "alpha", 1) == 0:
+            raise ValueError("train.label_smoothing has no effect with method.alpha 0 (no cross-entropy term)")
+        return self
 
     def digest(self) -> str:
         """sha256 of the resolved recipe, for provenance."""
@@ -469,22 +519,29 @@ def _key_path(loc: tuple) -> tuple[tuple, Optional[type[BaseModel]]]:
         part = parts.pop(0)
         path.append(part)
         field = model.model_fields.get(str(part)) if model is not None else None
-        annotation = getattr(field, "annotation", None)
         if field is not None and field.discriminator and parts and str(parts[0]) in METHOD_SETTINGS:
             model = METHOD_SETTINGS[str(parts.pop(0))]
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
         else:
-            model = None
+            model = _section_model(getattr(field, "annotation", None))
     return tuple(path), model
 
 
-def _suggest(path: tuple, section: Optional[type[BaseModel]]) -> str:
-    """" (did you mean X?)" for an unknown key, or which method it belongs to when it is another method's setting."""
+def _section_model(annotation) -> Optional[type[BaseModel]]:
+    """The section model an annotation holds (`Section` or `Optional[Section]`), or None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _not_for_method(path: tuple, section: Optional[type[BaseModel]]) -> Optional[str]:
+    """The refusal of another method's setting in the method section ("has no effect for ..."), or None."""
     owners = [name for name, cls in METHOD_SETTINGS.items() if str(path[-1]) in cls.model_fields]
-    if path[:-1] == ("method",) and owners:
-        return f" (a setting of method {' / '.join(owners)}: set method.name too)"
-    return closest(path[-1], list(section.model_fields) if section else [])
+    if path[:-1] != ("method",) or not owners or section is None:
+        return None
+    chosen = section.model_fields["name"].default
+    return (f"method.{path[-1]} has no effect for method.name {chosen} (a setting of method "
+            f"{' / '.join(owners)}); remove it, or keep it under methods.<name>")
 
 
 def _describe(error: dict) -> str:
@@ -493,7 +550,10 @@ def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in path) or "(top level)"
     if error["type"] == "extra_forbidden":
         _, section = _key_path(loc[:-1])
-        return f"unknown key {key}{_suggest(path, section)}"
+        known = list(section.model_fields) if section else []
+        return _not_for_method(path, section) or f"unknown key {key}{closest(path[-1], known)}"
+    if not path:  # a check across sections: its message names the keys
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     if loc[-1] == "[key]" and error["type"] == "literal_error":  # a mapping whose keys are a fixed set
@@ -503,11 +563,12 @@ def _describe(error: dict) -> str:
         tag = error["ctx"]["tag"]
         return f"{key}.name: unknown method {tag!r}{closest(tag, METHOD_SETTINGS)}; known: {', '.join(sorted(METHOD_SETTINGS))}"
     value = error.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
     message = error["msg"].removeprefix("Value error, ")
-    return f"{key}: {message[:1].lower() + message[1:]} (got {shown})"
+    message = f"{key}: {message[:1].lower() + message[1:]}"
+    if isinstance(value, (dict, list)):  # a check over a section: the message says what is wrong
+        return message
+    shown = repr(value)
+    return f"{message} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 
 def recipe_from_dict(data: Any, source: str = "<recipe>", overrides=()) -> Recipe:
@@ -520,9 +581,7 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", overrides=()) -> Recip
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RecipeError(f"{source}: {_describe(first)}{more}") from exc
+        raise RecipeError(f"{source}: {validation_message(exc, _describe)}") from exc
 
 
 def load_recipe(path: str | os.PathLike, overrides=()) -> Recipe:
