@@ -16,16 +16,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from functools import partial
 
 import torch
 
 from kdtool.augment import JointAugment, TrainViews
-from kdtool.losses import ccd, kd
+from kdtool.losses import build_loss
 from kdtool.models import build_model
+from kdtool.recipe import MethodConfig
 
 NUM_CLASSES = 100
 LOSS_ARGS = dict(temperature=4.0, alpha=0.5, kd_weight=2.0)
+
+
+def _loss(name: str):
+    return build_loss(MethodConfig(name=name, **LOSS_ARGS))[0]
 
 
 def make_step(student, teacher, optimizer, loss_fn, make_inputs, targets):
@@ -82,9 +86,9 @@ def run(device: torch.device, batch: int, size: int, repeats: int) -> None:
 
     common = dict(student=student, teacher=teacher, optimizer=optimizer, targets=targets)
     variants = {
-        "kd": make_step(loss_fn=partial(kd, **LOSS_ARGS), make_inputs=lambda: premade, **common),
-        "ccd": make_step(loss_fn=partial(ccd, **LOSS_ARGS), make_inputs=lambda: premade, **common),
-        "ccd+JDA": make_step(loss_fn=partial(ccd, **LOSS_ARGS), make_inputs=jda_inputs, **common),
+        "kd": make_step(loss_fn=_loss("kd"), make_inputs=lambda: premade, **common),
+        "ccd": make_step(loss_fn=_loss("ccd"), make_inputs=lambda: premade, **common),
+        "ccd+JDA": make_step(loss_fn=_loss("ccd"), make_inputs=jda_inputs, **common),
     }
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     medians = time_variants(variants, repeats, sync)

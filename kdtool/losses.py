@@ -23,8 +23,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
-from kdtool.errors import KdtoolError, Registry
+from kdtool.errors import KdtoolError, Registry, validation_message
 from kdtool.recipe import METHOD_SETTINGS, MethodConfig, VanillaMethod
 
 LossFn = Callable[..., dict]  # (student_logits, teacher_logits | None, targets, views, *, epoch=0.0) -> dict
@@ -204,7 +205,10 @@ def build_loss(cfg: MethodConfig | VanillaMethod, label_smoothing: float = 0.0) 
     method = METHODS[cfg.name]
     settings_class = METHOD_SETTINGS[cfg.name]
     if not isinstance(cfg, settings_class):
-        cfg = settings_class.model_validate(cfg.model_dump(exclude_unset=True) | {"name": cfg.name})
+        try:
+            cfg = settings_class.model_validate(cfg.model_dump(exclude_unset=True) | {"name": cfg.name})
+        except ValidationError as exc:
+            raise KdtoolError(f"method {cfg.name}: {validation_message(exc)}") from None
     if method.term is None:
         return Objective(label_smoothing=label_smoothing), False
     settings = cfg.model_dump(exclude=set(COMBINER_SETTINGS))
