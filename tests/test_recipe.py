@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from conftest import QUICKSTART, REPO, one_line_error
-from kdtool.recipe import METHOD_SETTINGS, RecipeError, load_recipe, parse_override, recipe_from_dict
+from kdtool.recipe import METHOD_SETTINGS, RecipeError, dump_recipe, load_recipe, parse_override, recipe_from_dict
 
 SHIPPED = sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
 
@@ -48,20 +49,79 @@ def test_imagenet_r34_r18_is_the_papers_imagenet_setting(monkeypatch):
 
 @pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
 def test_every_method_name_validates_over_the_quickstart(method, cli_runner):
-    """The quickstart's method section (temperature, alpha, kd_weight) fits every method."""
+    """The quickstart names only its method, so each method comes with its own defaults."""
     recipe = load_recipe(QUICKSTART, [f"method.name={method}"])
-    assert type(recipe.method) is METHOD_SETTINGS[method] and recipe.method.temperature == 4
+    assert recipe.method == METHOD_SETTINGS[method]()
     assert cli_runner("recipe", "check", QUICKSTART, "--set", f"method.name={method}").exit_code == 0
 
 
 def test_method_settings_live_with_the_method():
     recipe = load_recipe(QUICKSTART, ["method.name=dkd", "method.nckd_weight=2", "method.warmup_epochs=5"])
     assert (recipe.method.tckd_weight, recipe.method.nckd_weight, recipe.method.warmup_epochs) == (1.0, 2.0, 5.0)
+    assert recipe.method.warmup_ramp == "per_epoch"  # the authors' schedule by default
     recipe = load_recipe(QUICKSTART, ["method.name=dist", "method.intra_weight=3"])
     assert (recipe.method.inter_weight, recipe.method.intra_weight) == (1.0, 3.0)
     assert load_recipe(QUICKSTART, ["method={temperature: 2}"]).method.name == "ccd"  # name defaults to ccd
     resolved = load_recipe(QUICKSTART, ["method.name=dist"])
-    assert recipe_from_dict(__import__("yaml").safe_load(__import__("kdtool.recipe").recipe.dump_recipe(resolved))) == resolved
+    assert recipe_from_dict(yaml.safe_load(dump_recipe(resolved))) == resolved
+
+
+def test_the_methods_table_fills_the_chosen_method_and_the_method_section_wins():
+    table = ["methods.dkd={temperature: 1, nckd_weight: 0.5}", "methods.dist={temperature: 1}"]
+    recipe = load_recipe(QUICKSTART, [*table, "method.name=dkd"])
+    assert (recipe.method.temperature, recipe.method.nckd_weight, recipe.method.tckd_weight) == (1.0, 0.5, 1.0)
+    assert load_recipe(QUICKSTART, [*table, "method.name=dkd", "method.temperature=3"]).method.temperature == 3.0
+    assert load_recipe(QUICKSTART, [*table, "method.name=kd"]).method.temperature == 4.0  # kd has no entry
+    resolved = load_recipe(QUICKSTART, [*table, "method.name=dist"])
+    again = recipe_from_dict(yaml.safe_load(dump_recipe(resolved)))
+    assert again == resolved and set(yaml.safe_load(dump_recipe(resolved))["methods"]) == {"dkd", "dist"}
+
+
+AUTHORS = {  # recipe -> method -> (temperature, CE weight, term weight, own settings); sources in the recipes
+    "cifar100_resnet32x4_resnet8x4": {
+        "dkd": (4, 1, 1, {"tckd_weight": 1, "nckd_weight": 8, "warmup_epochs": 20, "warmup_ramp": "per_epoch"}),
+        "dist": (4, 1, 2, {"inter_weight": 1, "intra_weight": 1}),  # dist_cifar.yaml: dist_t4, 1 + 2
+        "ccd": (4, 1, 1, {}), "kd": (4, 1, 1, {})},
+    "imagenet_r34_r18": {
+        "dkd": (1, 1, 1, {"tckd_weight": 1, "nckd_weight": 0.5, "warmup_epochs": 1, "warmup_ramp": "per_epoch"}),
+        "dist": (1, 1, 2, {"inter_weight": 1, "intra_weight": 1}),  # resnet_dist.yaml: dist (tau 1), 1 + 2
+        "ccd": (4, 1, 1, {}), "kd": (4, 1, 1, {})},
+    "imagenet_r50_mbv2": {
+        "dkd": (1, 1, 1, {"tckd_weight": 1, "nckd_weight": 2, "warmup_epochs": 1, "warmup_ramp": "per_epoch"}),
+        "dist": (1, 1, 2, {"inter_weight": 1, "intra_weight": 1}),
+        "ccd": (4, 1, 1, {}), "kd": (4, 1, 1, {})},
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_shipped_recipes_carry_the_authors_method_settings(name, monkeypatch):
+    monkeypatch.setenv("CIFAR100_ROOT", "/data/cifar100")
+    monkeypatch.setenv("IMAGENET_ROOT", "/data/imagenet")
+    path = REPO / "recipes" / f"{name}.yaml"
+    assert load_recipe(path).method.name == "ccd"
+    for method, (temperature, ce, term, own) in AUTHORS[name].items():
+        settings = load_recipe(path, [f"method.name={method}"]).method
+        assert settings.temperature == temperature
+        assert settings.kd_weight * settings.alpha == pytest.approx(ce)
+        assert settings.kd_weight * (1 - settings.alpha) == pytest.approx(term)
+        assert {key: getattr(settings, key) for key in own} == own
+    assert load_recipe(path).train.label_smoothing == 0  # none of the authors' settings smooths labels
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=vanilla", "method.temperature=2"], "method.temperature has no effect for method.name vanilla"),
+    (["method.name=kd", "method.tckd_weight=2"], "method.tckd_weight has no effect for method.name kd"),
+    (["method.alpha=0", "train.label_smoothing=0.1"], "train.label_smoothing has no effect with method.alpha 0"),
+    (["method.name=dkd", "method.warmup_epochs=0", "method.warmup_ramp=per_step"],
+     "warmup_ramp per_step has no effect with warmup_epochs 0"),
+    (["method.alpha=1"], "method.alpha: input should be less than 1"),
+    (["method.kd_weight=0"], "method.kd_weight: input should be greater than 0"),
+    (["methods.dkk={temperature: 1}"], "unknown key methods.dkk (did you mean 'dkd'?)"),
+    (["methods.dkd.nckd_wieght=1"], "unknown key methods.dkd.nckd_wieght (did you mean 'nckd_weight'?)"),
+])
+def test_a_setting_without_effect_is_refused_in_one_line(overrides, message, cli_runner):
+    args = [arg for override in overrides for arg in ("--set", override)]
+    assert message in one_line_error(cli_runner("recipe", "check", QUICKSTART, *args))
 
 
 def test_overrides_are_typed_and_win():
@@ -92,7 +152,7 @@ BAD_RECIPES = {
     "wrong type": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: {epochs: many}\n",
                    r"train.epochs: .*integer.*'many'"),
     "out of range": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\nmethod: {alpha: 1.5}\n",
-                     r"method.alpha: .*less than or equal to 1"),
+                     r"method.alpha: .*less than 1"),
     "missing key": ("name: x\nteacher: {name: resnet8}\n", r"student: required key is missing"),
     "not a mapping": ("- a\n- b\n", r"must be a mapping"),
     "bad milestone": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n"
@@ -141,7 +201,7 @@ BAD_RECIPES = {
     "method setting typo": ("name: x\nmethod: {name: dkd, nckd_wieght: 2}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n",
                             r"unknown key method.nckd_wieght \(did you mean 'nckd_weight'\?\)"),
     "another method's setting": ("name: x\nmethod: {name: kd, inter_weight: 2}\nteacher: {name: resnet8}\n"
-                                 "student: {name: resnet8}\n", r"unknown key method.inter_weight \(a setting of method dist"),
+                                 "student: {name: resnet8}\n", r"method.inter_weight has no effect for method.name kd \(a setting of method dist\)"),
     "method setting range": ("name: x\nmethod: {name: dkd, warmup_epochs: -1}\nteacher: {name: resnet8}\n"
                              "student: {name: resnet8}\n", r"method.warmup_epochs: .*greater than or equal to 0"),
 }
