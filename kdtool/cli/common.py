@@ -2,17 +2,27 @@
 
 Errors from the library (`KdtoolError`) become one line on stderr and an exit code (2 bad input,
 1 failed check); ``--debug`` (or ``KDTOOL_DEBUG=1``) shows the full traceback instead.
+
+Only Click and kdtool.errors are imported here: the stages (and the recipe schema) are imported by
+the command that runs, so ``kdtool --help`` answers without importing torch or pydantic.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from kdtool.errors import CheckFailed, KdtoolError
-from kdtool.recipe import MAX_SEED, Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from kdtool.recipe import Recipe
+
+LOGGER = "kdtool"  # the library logs under kdtool.<module>; the CLI shows those records on stderr
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -55,9 +65,35 @@ def handle_errors(command):
     return wrapper
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (Click's test runner swaps it per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def configure_logging(debug: bool = False) -> None:
+    """Show the library's log records (messages that are not results) on stderr, one plain line each;
+    DEBUG records too with --debug. Idempotent: the handler is installed once."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
+
+
 def _set_debug(ctx: click.Context, _param, value: bool):
     if value:
         ctx.meta["kdtool.debug"] = True
+    configure_logging(_debug_enabled(ctx))
     return value
 
 
@@ -72,7 +108,7 @@ def recipe_options(command):
     for option in reversed([
         click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path)),
         set_option,
-        click.option("--seed", metavar="INT", default=None, help=f"Override the recipe's seed (0 to {MAX_SEED})."),
+        click.option("--seed", metavar="INT", default=None, help="Override the recipe's seed (0 to 2^32 - 1)."),
         click.option("--out", type=click.Path(path_type=Path), default=None,
                      help="Run directory (default: runs/<recipe name>)."),
         click.option("--resume", is_flag=True, help="Continue the run in the run directory from its last checkpoint."),
@@ -86,6 +122,8 @@ def recipe_options(command):
 
 def parse_seed(text: str | None) -> int | None:
     """The --seed option as an int, or a one-line KdtoolError (Click's own type error is a usage block)."""
+    from kdtool.recipe import MAX_SEED
+
     if text is None:
         return None
     shown = text if len(text) <= 40 else text[:37] + "..."
@@ -102,6 +140,8 @@ def parse_seed(text: str | None) -> int | None:
 
 def read_recipe(recipe_path: Path, overrides, seed: str | None) -> Recipe:
     """The recipe with `--set` overrides, then `--seed`, applied."""
+    from kdtool.recipe import load_recipe
+
     seed = parse_seed(seed)
     overrides = list(overrides) + ([f"seed={seed}"] if seed is not None else [])
     return load_recipe(recipe_path, overrides)

@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from kdtool.cli.common import debug_option, handle_errors, read_recipe, recipe_options, set_option
-from kdtool.recipe import dump_recipe, load_recipe
 
 
 @click.command()
@@ -92,6 +91,7 @@ def recipe_check(recipe_path, overrides):
     """Validate RECIPE and print it resolved (defaults filled in, overrides and ${ENV} applied),
     then, as YAML comments, which input normalisation each model gets and why."""
     from kdtool.preprocess import describe_normalization
+    from kdtool.recipe import dump_recipe, load_recipe
 
     resolved = load_recipe(recipe_path, overrides)
     click.echo(dump_recipe(resolved), nl=False)
