@@ -394,21 +394,37 @@ class YAMLLimitError(yaml.YAMLError):
 
 
 class BoundedLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, refusing documents that would blow up once their aliases are expanded.
+    """PyYAML's SafeLoader, refusing documents that would blow up once their aliases are expanded,
+    and a key given twice in one mapping (PyYAML would keep the last one silently).
 
     Aliases share nodes, so ten lines can describe 10**9 values (a "billion laughs") or a list that
     contains itself; kdtool copies and walks recipes as plain trees, so the expanded size and
     depth are what count. Both are measured while composing, bottom-up, before anything is built.
+    With `aliases` False, any alias is refused (sweep specs).
     """
 
-    def __init__(self, stream):
+    def __init__(self, stream, aliases: bool = True):
         super().__init__(stream)
+        self._aliases = aliases
         self._depth = 0
         self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, height)
+
+    def construct_mapping(self, node, deep=False):  # PyYAML >= 5.1 constructor API
+        seen = set()
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            if (key.tag, key.value) in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key.value!r} given twice", key.start_mark)
+            seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep=deep)
 
     def compose_node(self, parent, index):
         line = self.peek_event().start_mark.line + 1
         if self.check_event(yaml.AliasEvent):
+            if not self._aliases:
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here",
+                                                  self.peek_event().start_mark)
             anchor = self.peek_event().anchor
             target = self.anchors.get(anchor)
             if target is not None and id(target) not in self._measured:
@@ -441,13 +457,40 @@ class BoundedLoader(yaml.SafeLoader):
         return size, 1 + max((height for _, height in sizes), default=0)
 
 
-def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` within kdtool's bounds on depth and alias expansion (raises yaml.YAMLError)."""
-    loader = BoundedLoader(text)
+def parse_yaml(text: str, aliases: bool = True) -> Any:
+    """``yaml.safe_load`` within kdtool's bounds on depth and alias expansion, refusing repeated keys
+    (and, with `aliases` False, any alias); raises yaml.YAMLError."""
+    loader = BoundedLoader(text, aliases)
     try:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def read_yaml_file(path: str | os.PathLike, what: str, aliases: bool = True) -> Any:
+    """The data of a small YAML file (a recipe, a sweep spec): the one reader of kdtool's YAML files.
+
+    RecipeError naming `what` and the file when it is missing, over 1 MiB, not UTF-8, or bad YAML
+    (with the line and column), past the bounds of `parse_yaml`, or repeats a key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a {what} (at most {MAX_RECIPE_BYTES})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    try:
+        return parse_yaml(text, aliases)
+    except YAMLLimitError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: YAML error{where}: {problem}") from None
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -586,25 +629,7 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", overrides=()) -> Recip
 
 def load_recipe(path: str | os.PathLike, overrides=()) -> Recipe:
     """Read, interpolate, override and validate a YAML recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file (UTF-8 YAML expected)") from None
-    try:
-        data = parse_yaml(text)
-    except YAMLLimitError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{path}: YAML syntax error{where}: {problem}") from None
-    return recipe_from_dict(data, str(path), overrides)
+    return recipe_from_dict(read_yaml_file(path, "recipe"), str(path), overrides)
 
 
 def dump_recipe(recipe: Recipe) -> str:

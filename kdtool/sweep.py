@@ -44,18 +44,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from accelerate.utils import set_seed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from kdtool.augment import build_train_views
 from kdtool.data import build_datasets
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, validation_message
 from kdtool.io import write_text_atomic
 from kdtool.losses import build_loss
 from kdtool.models import build_model, check_model_name
-from kdtool.recipe import BoundedLoader, Recipe, RecipeError, dump_recipe, load_recipe, parse_override, save_recipe
+from kdtool.recipe import (
+    Recipe, RecipeError, dump_recipe, load_recipe, parse_override, read_yaml_file, save_recipe,
+)
 from kdtool.rundir import (
     RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock, run_recipe, summary,
 )
@@ -508,42 +509,10 @@ class SweepSpec(BaseModel):
         return [override(key, value) for key, value in self.set.items()]
 
 
-class _SpecLoader(BoundedLoader):
-    """Recipe YAML's bounds on depth and size, and no aliases or duplicate keys (PyYAML keeps the last)."""
-
-    def compose_node(self, parent, index):  # PyYAML >= 5.1 Composer API
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a sweep spec",
-                                              self.peek_event().start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
-        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
-        if twice is not None:
-            raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} given twice", node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_spec_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise KdtoolError(f"sweep spec not found: {path}")
-    if path.stat().st_size > 1 << 20:
-        raise KdtoolError(f"{path}: a sweep spec is a small YAML file (this one is over 1 MiB)")
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_SpecLoader)  # noqa: S506 (a bounded SafeLoader)
-    except UnicodeDecodeError:
-        raise KdtoolError(f"{path}: not a text file (UTF-8 YAML expected)") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise KdtoolError(f"{path}: YAML error{where}: {getattr(exc, 'problem', None) or exc}") from None
-
-
 def load_spec(path) -> SweepSpec:
     """Read and validate a sweep spec file; one line naming the file and key when it is wrong."""
     path = Path(path)
-    data = _read_spec_yaml(path)
+    data = read_yaml_file(path, "sweep spec", aliases=False)
     if isinstance(data, dict) and "grid" not in data and "teacher" in data:
         raise KdtoolError(f"{path} is a recipe, not a sweep spec: give the grid with --grid KEY=V1,V2,...")
     if not isinstance(data, dict):
@@ -551,9 +520,7 @@ def load_spec(path) -> SweepSpec:
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        raise KdtoolError(f"{path}: {key}: {error['msg'].lower()}") from None
+        raise KdtoolError(f"{path}: {validation_message(exc)}") from None
 
 
 def run_spec(spec_path, *, seeds: Optional[int] = None, overrides=(), out: Optional[Path] = None,

@@ -146,7 +146,7 @@ def test_digest_changes_with_content():
 
 
 BAD_RECIPES = {
-    "yaml syntax": ("name: x\nteacher: {name: resnet8\n", r"YAML syntax error at line \d+"),
+    "yaml syntax": ("name: x\nteacher: {name: resnet8\n", r"YAML error at line \d+"),
     "unknown key": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: {epoch: 3}\n",
                     r"unknown key train.epoch \(did you mean 'epochs'\?\)"),
     "wrong type": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: {epochs: many}\n",
@@ -202,6 +202,10 @@ BAD_RECIPES = {
                             r"unknown key method.nckd_wieght \(did you mean 'nckd_weight'\?\)"),
     "another method's setting": ("name: x\nmethod: {name: kd, inter_weight: 2}\nteacher: {name: resnet8}\n"
                                  "student: {name: resnet8}\n", r"method.inter_weight has no effect for method.name kd \(a setting of method dist\)"),
+    "repeated key": ("name: x\nteacher: {name: resnet8}\nstudent: {name: resnet8}\ntrain: {epochs: 3}\n"
+                     "train: {epochs: 30}\n", r"YAML error at line 5, column 1: key 'train' given twice"),
+    "repeated nested key": ("name: x\nteacher: {name: resnet8, name: resnet14}\nstudent: {name: resnet8}\n",
+                            r"line 2, column 26: key 'name' given twice"),
     "method setting range": ("name: x\nmethod: {name: dkd, warmup_epochs: -1}\nteacher: {name: resnet8}\n"
                              "student: {name: resnet8}\n", r"method.warmup_epochs: .*greater than or equal to 0"),
 }
@@ -216,6 +220,18 @@ def test_bad_recipe_is_one_line_exit_2(case, cli_runner, tmp_path):
     assert "bad.yaml" in line
     import re
     assert re.search(pattern, line), line
+
+
+def test_merge_keys_may_be_overridden_by_the_mapping(tmp_path):
+    """A YAML merge key (<<) is not a repeated key: the mapping's own keys override the merged ones."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("name: x\nbase: &b {epochs: 3, eval_every: 2}\nteacher: {name: resnet8}\nstudent: {name: resnet8}\n"
+                    "train: {<<: *b, epochs: 4}\n")
+    with pytest.raises(RecipeError, match="unknown key base"):
+        load_recipe(path)
+    path.write_text(path.read_text().replace("base: &b {epochs: 3, eval_every: 2}\n", "")
+                    .replace("train: {<<: *b, epochs: 4}", "train: &b {<<: {epochs: 3, eval_every: 2}, epochs: 4}"))
+    assert (load_recipe(path).train.epochs, load_recipe(path).train.eval_every) == (4, 2)
 
 
 def test_missing_recipe_file(cli_runner):
