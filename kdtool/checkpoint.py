@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdtool.errors import KdtoolError
-from kdtool.io import read_json_object, remove_tree_inside, staging_dir, write_json_atomic
+from kdtool.io import remove_tree_inside, staging_dir, write_json_atomic
+# The run layout's names live in kdtool.rundir; read_state is re-exported for the callers of this module.
+from kdtool.rundir import BEST, CHECKPOINT_WEIGHTS, CHECKPOINTS_DIR, LAST, STATE_FILE, STATE_WEIGHTS, read_state
 
-STATE_JSON = "state.json"
+__all__ = ["load_training_state", "read_state", "save_checkpoint"]
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,32 +62,27 @@ def save_checkpoint(out_dir: Path, *, model_state: dict, optimizer_state: dict, 
     name = f"epoch-{state['epoch']:04d}"
     if "mid_epoch" in state:
         name += f"-batch-{state['mid_epoch']['batches']:06d}"
-    target = out_dir / "checkpoints" / name
+    target = out_dir / CHECKPOINTS_DIR / name
     opt_tensors, opt_plain = _split_optimizer_state(optimizer_state)
     from safetensors import SafetensorError
 
     try:
         with staging_dir(target, overwrite=True) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-            save_file(opt_tensors, str(tmp / "state.safetensors"))
-            write_json_atomic(tmp / STATE_JSON, {**state, "optimizer": opt_plain, "scheduler": scheduler_state})
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / CHECKPOINT_WEIGHTS))
+            save_file(opt_tensors, str(tmp / STATE_WEIGHTS))
+            write_json_atomic(tmp / STATE_FILE, {**state, "optimizer": opt_plain, "scheduler": scheduler_state})
     except (SafetensorError, OSError) as exc:  # disk full, file-size limit: `last` still points at the previous one
-        kept = f"; {out_dir / 'last'} still holds the previous one" if (out_dir / "last").exists() else ""
+        kept = f"; {out_dir / LAST} still holds the previous one" if (out_dir / LAST).exists() else ""
         raise KdtoolError(f"cannot write checkpoint {target}: {str(exc).splitlines()[0]}{kept}") from None
-    relative = f"checkpoints/{name}"
+    relative = f"{CHECKPOINTS_DIR}/{name}"
     if is_best:
-        _point(out_dir / "best", relative)
-    _point(out_dir / "last", relative)
-    keep = {os.path.realpath(out_dir / link) for link in ("last", "best") if (out_dir / link).exists()}
-    for child in (out_dir / "checkpoints").iterdir():  # checkpoints/ itself may be a symlink: stay inside the run
+        _point(out_dir / BEST, relative)
+    _point(out_dir / LAST, relative)
+    keep = {os.path.realpath(out_dir / link) for link in (LAST, BEST) if (out_dir / link).exists()}
+    for child in (out_dir / CHECKPOINTS_DIR).iterdir():  # checkpoints/ itself may be a symlink: stay inside the run
         if child.is_dir() and os.path.realpath(child) not in keep and not child.name.startswith("."):
             remove_tree_inside(out_dir, child)
     return target
-
-
-def read_state(checkpoint: Path) -> dict:
-    """The JSON state of a checkpoint directory (or of the `last`/`best` link to one)."""
-    return read_json_object(Path(checkpoint) / STATE_JSON, "checkpoint state")
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict, dict, dict]:
@@ -94,7 +91,7 @@ def load_training_state(checkpoint: Path) -> tuple[dict, dict, dict]:
 
     state = read_state(checkpoint)
     try:
-        tensors = load_file(str(Path(checkpoint) / "state.safetensors"))
+        tensors = load_file(str(Path(checkpoint) / STATE_WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise KdtoolError(f"checkpoint {checkpoint}: optimizer state unreadable: {exc}") from None
     return state, _join_optimizer_state(tensors, state.pop("optimizer")), state.pop("scheduler")

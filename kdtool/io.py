@@ -1,4 +1,4 @@
-"""Atomic file and directory writes, and content hashes.
+"""Atomic file and directory writes, content hashes, ownership, the lock and the newest-owned lookup.
 
 Everything kdtool writes that a later step trusts (recipes, checkpoints, bundles) goes through
 here: write beside the target, flush, then rename, so a killed process leaves the old file intact.
@@ -6,12 +6,15 @@ here: write beside the target, flush, then rename, so a killed process leaves th
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 
 _UMASK = os.umask(0)
@@ -159,3 +162,40 @@ def clear_directory(directory: Path, keep: tuple[str, ...] = ()) -> None:
     for child in Path(directory).iterdir():
         if child.name not in keep:
             remove_tree_inside(directory, child)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on the file `path` (created if absent) for the block; a second kdtool
+    process is refused at once with one line naming `what`. A symlink at `path` is never followed.
+
+    The lock is advisory and released when the process ends, also when it is killed.
+    """
+    from kdtool.errors import KdtoolError
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise KdtoolError(f"cannot open the lock of {what}, {path}: {why}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KdtoolError(f"{what} is in use by another kdtool process") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def newest_owned(root: Path, is_owned: Callable[[Path], bool],
+                 dated_by: Callable[[Path], Path] = lambda path: path) -> Optional[Path]:
+    """The entry of `root` that `is_owned` accepts with the newest modification time of `dated_by(entry)`;
+    None when there is none. Symlinks and hidden names (kdtool's own leftovers) are never picked."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = [path for path in root.iterdir()
+                  if not path.name.startswith(".") and not path.is_symlink() and is_owned(path)]
+    return max(candidates, key=lambda path: dated_by(path).stat().st_mtime, default=None)

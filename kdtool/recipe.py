@@ -209,7 +209,8 @@ class _MethodTableBase(_Section):
 # `methods:` in a recipe: settings kept per method; the entry of the method `method.name` selects fills the keys
 # the `method` section leaves unset (so a recipe can carry the authors' settings of every method).
 MethodTable = create_model("MethodTable", __base__=_MethodTableBase, **{
-    name: (Optional[cls], Field(None, description=f"settings of method {name}")) for name, cls in METHOD_SETTINGS.items()
+    name: (Optional[cls], Field(None, description=f"settings of method {name}"))
+    for name, cls in METHOD_SETTINGS.items()
 })
 
 

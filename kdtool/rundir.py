@@ -6,7 +6,7 @@ loading what a run holds (its recipe, its student and teacher).
       .lock                          held (flock) by the kdtool process working on the run
       recipe.yaml                    the resolved recipe
       metrics.jsonl                  one JSON record per epoch
-      checkpoints/epoch-NNNN/        model.safetensors, state.safetensors, state.json
+      checkpoints/epoch-NNNN/        model.safetensors, state.safetensors, state.json (see kdtool.checkpoint)
       last -> checkpoints/...        the newest checkpoint
       best -> checkpoints/...        the best student by val top-1
       teacher/                       the same layout, for a teacher trained in this run
@@ -16,8 +16,6 @@ train, export, bench and sweep import this module; it imports nothing of theirs.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import time
 from pathlib import Path
@@ -25,10 +23,11 @@ from typing import Optional
 
 from torch import nn
 
-from kdtool.checkpoint import read_state
 from kdtool.data import DataInfo
 from kdtool.errors import KdtoolError
-from kdtool.io import check_replaceable, clear_directory, read_json_object, write_json_atomic
+from kdtool.io import (
+    check_replaceable, clear_directory, exclusive_lock, newest_owned, read_json_object, write_json_atomic,
+)
 from kdtool.models import build_model
 from kdtool.preprocess import normalization_plan, teacher_on_student_inputs
 from kdtool.recipe import Recipe, load_recipe
@@ -40,6 +39,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_WEIGHTS = "model.safetensors"
+STATE_WEIGHTS = "state.safetensors"  # optimizer tensors
+STATE_FILE = "state.json"  # epoch, step, optimizer groups, scheduler, RNG seed, metrics
 LAST, BEST = "last", "best"
 TEACHER_DIR = "teacher"
 RUN_KIND = "run"
@@ -88,20 +89,19 @@ def clear_run(directory: Path) -> None:
     clear_directory(directory, keep=(LOCK_FILE, MARKER_FILE))
 
 
-@contextlib.contextmanager
 def run_lock(directory: Path):
-    """Refuse a second kdtool process on the same run (or sweep) directory."""
+    """Refuse a second kdtool process on the same run (or sweep) directory (a context manager)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KdtoolError(f"run directory {directory} is in use by another kdtool process") from None
-        yield
+    return exclusive_lock(directory / LOCK_FILE, f"run directory {directory}")
 
 
 # ------------------------------------------------------------------ reading a run
+def read_state(checkpoint: Path) -> dict:
+    """The JSON state of a checkpoint directory (or of the `last`/`best` link to one)."""
+    return read_json_object(Path(checkpoint) / STATE_FILE, "checkpoint state")
+
+
 def checkpoint_link(directory: Path, which: str) -> Path:
     """`directory/last` or `directory/best`, refused with one line when the link dangles."""
     link = Path(directory) / which
@@ -141,14 +141,14 @@ def best_checkpoint(run_dir: Path) -> Path:
 def find_latest_run(runs_root: Path = Path("runs")) -> Path:
     """The run under `runs_root` whose `best` checkpoint is the most recent (it must hold recipe.yaml)."""
     runs_root = Path(runs_root)
-    candidates = [] if not runs_root.is_dir() else [
-        run for run in runs_root.iterdir()
-        if not run.is_symlink() and (run / RECIPE_FILE).is_file() and (run / BEST / CHECKPOINT_WEIGHTS).is_file()
-    ]
-    if not candidates:
+    def finished(run: Path) -> bool:
+        return (run / RECIPE_FILE).is_file() and (run / BEST / CHECKPOINT_WEIGHTS).is_file()
+
+    latest = newest_owned(runs_root, finished, dated_by=lambda run: run / BEST / CHECKPOINT_WEIGHTS)
+    if latest is None:
         raise KdtoolError(f"no finished run under {runs_root}/ (a run dir with {RECIPE_FILE} and a best checkpoint); "
                           f"run `kdtool distill RECIPE` first or name the run directory")
-    return max(candidates, key=lambda run: (run / BEST / CHECKPOINT_WEIGHTS).stat().st_mtime)
+    return latest
 
 
 def teacher_source(run_dir: Path, recipe: Recipe) -> str:

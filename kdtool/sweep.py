@@ -58,7 +58,7 @@ from kdtool.recipe import (
     Recipe, RecipeError, dump_recipe, load_recipe, parse_override, read_yaml_file, save_recipe,
 )
 from kdtool.rundir import (
-    RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock, run_recipe, summary,
+    BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock, run_recipe, summary,
 )
 from kdtool.train import build_accelerator, distill, train_teacher
 
@@ -252,7 +252,7 @@ def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: 
             if weights is None:
                 directory = teacher_home / teacher_dir_name(cell)
                 teachers.setdefault(directory, load_recipe(recipe_path, [*overrides, *cell.teacher_overrides]))
-                weights = str((directory / "best").absolute())
+                weights = str((directory / BEST).absolute())
             recipes.append(load_recipe(recipe_path, [*overrides, *cell.overrides, override(_TEACHER_WEIGHTS, weights)]))
         except RecipeError as exc:
             raise KdtoolError(f"sweep cell {cell.name}: {exc}") from None
@@ -285,7 +285,7 @@ def check_plan(plan: SweepPlan) -> None:
     teacher weights), and refuse two cells that resolve to the same recipe. One line names the cell."""
     built: dict[str, Any] = {}
     cell_of_recipe: dict[str, Cell] = {}
-    planned = {str((directory / "best").absolute()) for directory in plan.teachers}
+    planned = {str((directory / BEST).absolute()) for directory in plan.teachers}
     for cell, recipe in zip(plan.cells, plan.recipes):
         twin = cell_of_recipe.setdefault(dump_recipe(recipe), cell)
         if twin is not cell:
@@ -312,7 +312,7 @@ def train_shared_teacher(recipe: Recipe, teacher_dir: Path, progress: bool) -> N
     set_seed(recipe.seed)  # the same initialisation as a single distill run of this recipe
     teacher = build_model(recipe.teacher.name, datasets.info.num_classes, image_size=datasets.info.image_size)
     train_teacher(recipe, teacher, datasets, teacher_dir, build_accelerator(recipe.runtime),
-                  resume=(teacher_dir / "last").exists(), progress=progress)
+                  resume=(teacher_dir / LAST).exists(), progress=progress)
 
 
 def _check_same_teacher_setup(recipe: Recipe, sweep_dir: Path) -> None:
@@ -353,7 +353,7 @@ def run_cell(recipe: Recipe, run_dir: Path, progress: bool) -> tuple[dict, str]:
             raise KdtoolError(f"sweep cell {run_dir} was run with another recipe than this sweep's; "
                               f"use another --out (or remove that cell to run it again)")
         return finished, "done before"
-    resume = (run_dir / "last").exists()
+    resume = (run_dir / LAST).exists()
     result = distill(recipe, run_dir, resume=resume, overwrite=not resume, progress=progress)
     return result, "resumed" if resume else "trained"
 

@@ -59,6 +59,10 @@ FAULTS = {
     "lock": Fault("two `kdtool distill` on one run directory",
                   "the second refused, exit 2; the first finishes equal to a lone run",
                   "test_kill.py::test_second_process_on_a_run_dir_is_refused"),
+    "lock_link": Fault("a symbolic link (to a user's file, dangling, to a directory) where a run's lock file goes; "
+                       "a lock another process holds",
+                       "refused with one line naming the run directory, exit 2; the link's target neither written "
+                       "nor created", "test_lock.py"),
     "corrupt": Fault("corrupt or foreign files: truncated safetensors, checkpoint of another architecture, truncated "
                      "ONNX, manifest missing, manifest naming a missing artefact, engine of another TensorRT version",
                      "exit 2 with one line naming the file", "test_corrupt_files.py"),
