@@ -17,6 +17,7 @@ train, export, bench and sweep import this module; it imports nothing of theirs.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,6 +46,8 @@ LAST, BEST = "last", "best"
 TEACHER_DIR = "teacher"
 RUN_KIND = "run"
 SWEEP_KIND = "sweep"
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ ownership
@@ -141,6 +144,7 @@ def best_checkpoint(run_dir: Path) -> Path:
 def find_latest_run(runs_root: Path = Path("runs")) -> Path:
     """The run under `runs_root` whose `best` checkpoint is the most recent (it must hold recipe.yaml)."""
     runs_root = Path(runs_root)
+
     def finished(run: Path) -> bool:
         return (run / RECIPE_FILE).is_file() and (run / BEST / CHECKPOINT_WEIGHTS).is_file()
 
@@ -148,6 +152,7 @@ def find_latest_run(runs_root: Path = Path("runs")) -> Path:
     if latest is None:
         raise KdtoolError(f"no finished run under {runs_root}/ (a run dir with {RECIPE_FILE} and a best checkpoint); "
                           f"run `kdtool distill RECIPE` first or name the run directory")
+    log.info("no run named: using the newest finished run, %s", latest)
     return latest
 
 
