@@ -219,8 +219,8 @@ def resolve_method_section(data: Any) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get("method", {}), dict):
         return data
     method = {"name": "ccd", **data.get("method", {})}
-    table = data.get("methods")
-    entry = table.get(method["name"]) if isinstance(table, dict) else None
+    table, name = data.get("methods"), method["name"]
+    entry = table.get(name) if isinstance(table, dict) and isinstance(name, str) else None
     if isinstance(entry, dict):
         method = {**entry, **method}
     return {**data, "method": method}

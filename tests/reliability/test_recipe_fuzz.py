@@ -44,7 +44,8 @@ def paths(node, prefix=()):
 
 
 METHOD_KEYS = sorted({("method", key) for cls in METHOD_SETTINGS.values() for key in cls.model_fields})
-PATHS = sorted(set(paths(BASE)) | set(METHOD_KEYS) | {("seed",), ("data", "split_seed"), ("export", "opset"),
+TABLE_KEYS = sorted({("methods", name, key) for name, cls in METHOD_SETTINGS.items() for key in cls.model_fields})
+PATHS = sorted(set(paths(BASE)) | set(METHOD_KEYS) | set(TABLE_KEYS) | {("seed",), ("data", "split_seed"), ("export", "opset"),
                                                       ("export", "name"), ("export", "root"),
                                                       ("export", "verify_batch_sizes"), ("bench", "batch_sizes"),
                                                       ("bench", "gate", "max_top1_drop", "int8")})
