@@ -139,7 +139,8 @@ def test_good_bundle_passes_and_writes_report(bundle):
     markdown = (bundle / "report.md").read_text()
     for heading in ("## Timing", "## Accuracy", "## Gate", "## Runtimes"):
         assert heading in markdown
-    assert "| fp32 | fp32 | ort-cpu | 1 |" in markdown
+    assert "| fp32 | fp32 | ort-cpu | CPUExecutionProvider | 1 |" in markdown
+    assert all(c["ran_on"] == "CPUExecutionProvider" for c in report["timing"] if c["runtime"] == "ort-cpu")
     assert (bundle / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -153,7 +154,7 @@ def test_unavailable_runtimes_are_listed_with_reasons(bundle):
     assert set(runtimes) == set(RUNTIMES)
     skipped = {(s["artefact"], s["runtime"]): s["reason"] for s in report["skipped"] if "batch_size" not in s}
     served = {(key, name) for name, runtime in RUNTIMES.items() for key in ("fp32", "int8", "int8_trt", "fp16")
-              if runtime.artefact_kind == "onnx" and read_manifest(bundle).artefacts[key].target in runtime.targets}
+              if "onnx" in runtime.formats and read_manifest(bundle).artefacts[key].target in runtime.targets}
     for key, name in served:
         runtime = runtimes[name]
         assert runtime["available"] == (runtime["reason"] is None)
@@ -175,8 +176,8 @@ def test_bundle_benches_without_its_run(tmp_path):
     report = json.loads((served / "report.json").read_text())
     assert report["gate"]["passed"] and set(report["gate"]["checked"]) == {"fp32", "int8", "int8_trt", "fp16"}
     assert report["settings"]["data"]["source"] == "reference"
-    result = _bench(served, "--data", tmp_path)
-    assert result.exit_code == 2 and "needs the training run" in result.output, result.output
+    result = _bench(served, "--data", tmp_path)  # the digits are embedded: a DIR would not be read
+    assert result.exit_code == 2 and "takes no root" in result.output, result.output
 
 
 def test_rebuild_from_the_bundle_alone(tmp_path):
@@ -273,7 +274,7 @@ def test_bundle_in_use_is_refused(bundle_copy):
 
 def _fake_bundle(path: Path, mtime: int) -> None:
     path.mkdir()
-    (path / "manifest.json").write_text('{"format": {"name": "kdtool-bundle", "version": 2}}')
+    (path / "manifest.json").write_text('{"format": {"name": "kdtool-bundle", "version": 3}}')
     os.utime(path / "manifest.json", (mtime, mtime))
 
 
