@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from kdtool.bench.loading import Artefact
+from kdtool.bench.openvino_runner import OpenVinoRunner, openvino_missing
 from kdtool.bench.ort_runner import (
     CUDA_EP_OPTIONS, TENSORRT_EP_OPTIONS, OrtRunner, open_ort, provider_missing, tensorrt_ep_missing,
 )
@@ -61,6 +62,7 @@ RUNTIMES: Registry[Runtime] = Registry("runtime", {
     "pytorch-cuda": Runtime("pytorch-cuda", PYTORCH, PYTORCH, True, _cuda_missing, open_torch("cuda"), ("torch",)),
     "ort-cpu": Runtime("ort-cpu", ONNX, HOST_TARGETS, False, provider_missing("CPUExecutionProvider"),
                        open_ort("CPUExecutionProvider", on_gpu=False), ("onnxruntime",)),
+    "openvino-cpu": Runtime("openvino-cpu", ONNX, HOST_TARGETS, False, openvino_missing, OpenVinoRunner, ("openvino",)),
     "ort-emulated": Runtime("ort-emulated", ONNX, frozenset({"tensorrt"}), False,
                             provider_missing("CPUExecutionProvider"),
                             open_ort("CPUExecutionProvider", on_gpu=False, emulated=True), ("onnxruntime",),
