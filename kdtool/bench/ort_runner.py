@@ -16,7 +16,6 @@ major the installed provider library links and says in one line when that Tensor
 from __future__ import annotations
 
 import ctypes
-import mmap
 import re
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +26,6 @@ import numpy as np
 from kdtool.bench.loading import Artefact
 from kdtool.bench.runner import Runner, RunnerOptions, check_io_shapes
 from kdtool.bundle import BundleMismatch
-from kdtool.errors import KdtoolError
 from kdtool.export.runner import ort_session
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -92,8 +90,20 @@ def open_ort(provider: str, provider_options: dict | None = None, *, on_gpu: boo
     """A runtime's `open`: the artefact on exactly `provider` (CPU fallback refused when `on_gpu`);
     `emulated` runs a Q/DQ graph node by node in float (kdtool.export.runner)."""
     def open_runner(artefact: Artefact, options: RunnerOptions) -> Runner:
+        if provider == "TensorrtExecutionProvider":
+            _load_tensorrt_wheel()
         return OrtRunner(artefact, (provider, dict(provider_options or {})), options, on_gpu=on_gpu, emulated=emulated)
     return open_runner
+
+
+def _load_tensorrt_wheel() -> None:
+    """Import the TensorRT wheel when it is installed: it loads its libnvinfer.so.N from site-packages, where
+    the TensorRT provider's dlopen of that soname then finds it (the wheel's libraries are not on the
+    loader's path)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass  # a system TensorRT on the loader's path, or none: the session then fails with ORT's reason
 
 
 def provider_missing(provider: str) -> Callable[[], str | None]:
@@ -112,9 +122,8 @@ def provider_missing(provider: str) -> Callable[[], str | None]:
 def linked_tensorrt_major(library: Path) -> int | None:
     """The TensorRT major version a provider library links (its `libnvinfer.so.N` entry), None when unknown."""
     try:
-        with open(library, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            match = re.search(rb"libnvinfer\.so\.(\d{1,3})\x00", data)
-    except (OSError, ValueError):
+        match = re.search(rb"libnvinfer\.so\.(\d{1,3})\x00", Path(library).read_bytes())  # a few MiB
+    except OSError:
         return None
     return int(match.group(1)) if match else None
 
