@@ -68,8 +68,9 @@ def _check_tensorrt_qdq(path: Path, key: str) -> None:
         return
     violations = tensorrt_qdq_violations(model)
     if violations:
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         raise BundleMismatch(f"artefact {key!r} {path} breaks TensorRT's Q/DQ constraints (its manifest says "
-                             f"s8s8-symmetric): {violations[0]}" + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""))
+                             f"s8s8-symmetric): {violations[0]}{more}")
 
 
 def bundle_recipe(bundle_dir: Path, manifest: Manifest) -> Recipe:

@@ -1,7 +1,8 @@
 """One ONNX Runtime session factory and one batched-inference path, shared by export's verification,
 the INT8 fallback and sensitivity, and every runtime of `kdtool bench`.
 
-`ort_session` opens a model on the providers asked for and checks it got the first of them. `emulated=True` turns every graph optimisation off
+`ort_session` opens a model on the providers asked for and checks it got the first of them.
+`emulated=True` turns every graph optimisation off
 (ORT_DISABLE_ALL): ONNX Runtime then runs a Q/DQ graph node by node, QuantizeLinear rounding and
 saturating to the integer grid and DequantizeLinear mapping back to float before each float Conv/Gemm,
 so no integer kernel (QLinearConv, ConvInteger, MatMulInteger) runs; those only appear when the QDQ

@@ -2,7 +2,8 @@
 
 A bundle is written into a staging directory and renamed into place at the end, so a bundle directory
 that exists is complete; the bundle's lock is held throughout (bench takes the same lock). The artefact
-table, the layout and the manifest model live in the `kdtool.bundle` package; `export/README.md` documents every manifest key.
+table, the layout and the manifest model live in the `kdtool.bundle` package; `export/README.md`
+documents every manifest key.
 `rebuild_engines` needs only the bundle: its ONNX sources, its recipe and its manifest.
 """
 from __future__ import annotations

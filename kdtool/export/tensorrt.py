@@ -84,8 +84,9 @@ def _builder_config(trt, builder, cfg: TensorRTConfig, input_name: str, image_si
     # IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes): 8.4+, 10.x, 11.x
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
     profile = builder.create_optimization_profile()  # 10.x, 11.x
-    profile.set_shape(input_name, *[(batch, 3, image_size, image_size)
-                                    for batch in (cfg.min_batch, cfg.opt_batch, cfg.max_batch)])
+    shapes = [(batch, 3, image_size, image_size) for batch in (cfg.min_batch, cfg.opt_batch, cfg.max_batch)]
+    if profile.set_shape(input_name, *shapes) is False:  # setDimensions returns bool in C++; None where a binding hides it
+        raise KdtoolError(f"TensorRT refused the batch profile {shapes} for input {input_name!r}")
     if config.add_optimization_profile(profile) < 0:  # the profile's index, -1 when it is invalid: 8.0+, 10.x, 11.x
         raise KdtoolError(f"TensorRT refused the batch profile {cfg.min_batch}/{cfg.opt_batch}/{cfg.max_batch} "
                           f"for input {input_name!r}")
