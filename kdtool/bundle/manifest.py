@@ -300,8 +300,8 @@ def _other_format_version(raw: bytes) -> str | None:
     if not isinstance(data, dict) or not isinstance(data.get("format"), dict):
         return None
     version, versions = data["format"].get("version"), data.get("versions")
-    if data["format"].get("name") != FORMAT_NAME or version == FORMAT_VERSION or isinstance(version, bool):
-        return None
+    if data["format"].get("name") != FORMAT_NAME or type(version) is not int or version == FORMAT_VERSION:
+        return None  # this version, or not a version: the schema's error names it
     writer = versions.get("kdtool") if isinstance(versions, dict) else None
     writer = f"kdtool {str(writer)[:64]}" if writer else "a kdtool that recorded no version"
     return f"format version {str(version)[:32]}, written by {writer}"
