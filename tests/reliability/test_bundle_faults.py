@@ -296,3 +296,13 @@ def test_bench_fails_an_artefact_that_cannot_run(good_bundle, tmp_path, cli_runn
         assert "could not run" in result.output and "gate passed" not in result.output
         report = json.loads((bundle / "report.json").read_text())
         assert report["gate"]["passed"] is False and report["failed"][0]["artefact"] == "fp32"
+
+
+def test_data_for_an_embedded_dataset_is_refused(good_bundle, tmp_path, cli_runner, fault_trials):
+    """The digits are embedded: a `--data DIR` would not be read, so it is refused (exit 2), DIR present or not."""
+    trials = fault_trials("bench_data")
+    (tmp_path / "digits").mkdir()
+    for directory in (tmp_path / "digits", tmp_path / "missing"):
+        with trials.trial():
+            line = one_line_error(cli_runner("bench", good_bundle, "--data", directory, *FAST_BENCH))
+            assert "takes no root" in line and str(directory) in line, line
