@@ -139,7 +139,8 @@ def test_good_bundle_passes_and_writes_report(bundle):
     markdown = (bundle / "report.md").read_text()
     for heading in ("## Timing", "## Accuracy", "## Gate", "## Runtimes"):
         assert heading in markdown
-    assert "| fp32 | fp32 | ort-cpu | 1 |" in markdown
+    assert "| fp32 | fp32 | ort-cpu | CPUExecutionProvider | 1 |" in markdown
+    assert all(c["ran_on"] == "CPUExecutionProvider" for c in report["timing"] if c["runtime"] == "ort-cpu")
     assert (bundle / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -153,7 +154,7 @@ def test_unavailable_runtimes_are_listed_with_reasons(bundle):
     assert set(runtimes) == set(RUNTIMES)
     skipped = {(s["artefact"], s["runtime"]): s["reason"] for s in report["skipped"] if "batch_size" not in s}
     served = {(key, name) for name, runtime in RUNTIMES.items() for key in ("fp32", "int8", "int8_trt", "fp16")
-              if runtime.artefact_kind == "onnx" and read_manifest(bundle).artefacts[key].target in runtime.targets}
+              if "onnx" in runtime.formats and read_manifest(bundle).artefacts[key].target in runtime.targets}
     for key, name in served:
         runtime = runtimes[name]
         assert runtime["available"] == (runtime["reason"] is None)
@@ -175,8 +176,8 @@ def test_bundle_benches_without_its_run(tmp_path):
     report = json.loads((served / "report.json").read_text())
     assert report["gate"]["passed"] and set(report["gate"]["checked"]) == {"fp32", "int8", "int8_trt", "fp16"}
     assert report["settings"]["data"]["source"] == "reference"
-    result = _bench(served, "--data", tmp_path)
-    assert result.exit_code == 2 and "needs the training run" in result.output, result.output
+    result = _bench(served, "--data", tmp_path)  # the digits are embedded: a DIR would not be read
+    assert result.exit_code == 2 and "takes no root" in result.output, result.output
 
 
 def test_rebuild_from_the_bundle_alone(tmp_path):
@@ -273,7 +274,7 @@ def test_bundle_in_use_is_refused(bundle_copy):
 
 def _fake_bundle(path: Path, mtime: int) -> None:
     path.mkdir()
-    (path / "manifest.json").write_text('{"format": {"name": "kdtool-bundle", "version": 2}}')
+    (path / "manifest.json").write_text('{"format": {"name": "kdtool-bundle", "version": 3}}')
     os.utime(path / "manifest.json", (mtime, mtime))
 
 
@@ -289,3 +290,113 @@ def test_find_latest_bundle(tmp_path):
         _fake_bundle(tmp_path / leftover, 3_000)  # newer, but a killed write's leftover
     (tmp_path / "link").symlink_to(tmp_path / ".new.abcd1234.partial")
     assert find_latest_bundle(tmp_path) == tmp_path / "new"
+
+
+# ---------------------------------------------------------------- runtimes that cannot lie
+def test_the_readme_shows_the_artefact_table():
+    """export/README.md's artefact table is the one kdtool.bundle.artefacts and the runtime registry make."""
+    from kdtool.bench import artefact_table
+
+    assert artefact_table() in (REPO / "export" / "README.md").read_text()
+
+
+def _ort_runtime(name: str, provider: str, on_gpu: bool):
+    from kdtool.bench import Runtime
+    from kdtool.bench.ort_runner import open_ort, provider_missing
+
+    return Runtime(name, frozenset({"onnx"}), frozenset({"any", "cpu", "gpu"}), on_gpu, provider_missing(provider),
+                   open_ort(provider, on_gpu=on_gpu), ("onnxruntime",))
+
+
+def test_a_provider_listed_as_available_but_unusable_fails_its_case(bundle_copy):
+    """ONNX Runtime lists AzureExecutionProvider as available on every build, yet it runs no Conv: asked for
+    alone, ORT quietly places every node on its CPU provider. kdtool's GPU-runtime session refuses CPU fallback,
+    so the runtime fails its case (exit 1, report written) instead of giving a CPU result under its name."""
+    import onnxruntime as ort
+
+    from kdtool.bench import GateFailed, run_bench
+    from kdtool.errors import Registry
+
+    if "AzureExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime build has no AzureExecutionProvider to stand for an unusable provider")
+    quiet = ort.InferenceSession(str(bundle_copy / "model.fp32.onnx"), providers=["AzureExecutionProvider"])
+    assert quiet.get_providers()[-1] == "CPUExecutionProvider"  # what ORT does without kdtool's switch
+    runtimes = Registry("runtime", {"ort-cpu": RUNTIMES["ort-cpu"],
+                                    "ort-azure": _ort_runtime("ort-azure", "AzureExecutionProvider", on_gpu=True)})
+    with pytest.raises(GateFailed, match="could not run") as failure:
+        run_bench(bundle_copy, batch_sizes=[1], iters=1, threads=1, progress=False, runtimes=runtimes)
+    report = failure.value.report
+    failed = {(f["artefact"], f["runtime"]) for f in report["failed"]}
+    assert failed == {(key, "ort-azure") for key in ("fp32", "int8", "fp16")}
+    assert all("CPU fallback disabled" in f["reason"] for f in report["failed"])
+    assert not any(row["runtime"] == "ort-azure" for row in report["timing"] + report["accuracy"])
+    assert report["gate"]["passed"] is False and json.loads((bundle_copy / "report.json").read_text())["failed"]
+
+
+def test_a_session_that_did_not_get_its_provider_is_refused(bundle):
+    """ONNX Runtime only warns and drops a provider it does not have; kdtool checks get_providers()."""
+    import onnxruntime as ort
+
+    from kdtool.export.runner import ort_session
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    with pytest.raises(KdtoolError, match="did not give .* the CUDAExecutionProvider it asked for"):
+        ort_session(bundle / "model.fp32.onnx", providers=["CUDAExecutionProvider"])
+    with pytest.raises(KdtoolError, match="CPU fallback disabled"):
+        ort_session(bundle / "model.fp32.onnx", providers=["CUDAExecutionProvider"], cpu_fallback=False)
+
+
+def test_tensorrt_major_mismatch_is_one_line(tmp_path):
+    from kdtool.bench.ort_runner import linked_tensorrt_major, tensorrt_mismatch
+
+    library = tmp_path / "libonnxruntime_providers_tensorrt.so"
+    library.write_bytes(b"\x7fELF" + b"\x00" * 64 + b"libcudart.so.12\x00libnvinfer.so.10\x00libnvonnxparser.so.10\x00")
+    assert linked_tensorrt_major(library) == 10
+    assert linked_tensorrt_major(tmp_path / "absent.so") is None
+    line = tensorrt_mismatch(10, "11.1.0", loadable=lambda soname: True)
+    assert "needs TensorRT 10 (libnvinfer.so.10), the installed tensorrt is 11.1.0" in line and "\n" not in line
+    assert "kdtool[ort-gpu]" in line
+    assert tensorrt_mismatch(10, "10.13.3", loadable=lambda soname: False) is None
+    assert tensorrt_mismatch(10, None, loadable=lambda soname: soname == "libnvinfer.so.10") is None
+    assert "no libnvinfer.so.10 is installed" in tensorrt_mismatch(10, None, loadable=lambda soname: False)
+
+
+def test_rebuild_starts_from_the_bundles_timing_cache(bundle, tmp_path):
+    """`export --trt --rebuild` stages the bundle's timing cache where the engine builds read it."""
+    from kdtool.export.stage import copy_for_rebuild
+
+    source = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    (source / "tensorrt.timing.cache").write_bytes(b"timings of an earlier build")
+    (source / "model.trt_fp16.engine").write_bytes(b"an engine for another GPU")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    copy_for_rebuild(source, staging)
+    assert (staging / "tensorrt.timing.cache").read_bytes() == b"timings of an earlier build"
+    assert not (staging / "model.trt_fp16.engine").exists() and not (staging / "manifest.json").exists()
+    (source / "tensorrt.timing.cache").unlink()
+    (source / "tensorrt.timing.cache").symlink_to(tmp_path / "elsewhere.cache")
+    with pytest.raises(KdtoolError, match="symbolic link"):
+        copy_for_rebuild(source, tmp_path / "staging2")
+
+
+def test_openvino_runs_every_cpu_artefact_beside_onnx_runtime(bundle):
+    """OpenVINO's CPU plugin times and checks every ONNX artefact ORT's CPU provider runs; the report names
+    the faster runtime per artefact and batch size."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    result = _bench(bundle)
+    assert result.exit_code == 0, result.output
+    report = json.loads((bundle / "report.json").read_text())
+    timed = {(c["artefact"], c["batch_size"]): c for c in report["timing"] if c["runtime"] == "openvino-cpu"}
+    assert set(timed) == {(key, size) for key in ("fp32", "int8", "fp16") for size in (1, 8)}
+    assert all(c["ran_on"].startswith("OpenVINO") and c["ran_on"].endswith("CPU plugin") for c in timed.values())
+    rows = {(row["artefact"], row["runtime"]): row for row in report["accuracy"]}
+    assert rows["fp32", "openvino-cpu"]["student_agreement"] > 99 and ("int8_trt", "openvino-cpu") not in rows
+    fastest = {(row["artefact"], row["batch_size"]): row for row in report["fastest"]}
+    assert set(fastest) == set(timed)
+    for (key, size), row in fastest.items():
+        p50 = {c["runtime"]: c["latency_ms"]["p50"] for c in report["timing"]
+               if (c["artefact"], c["batch_size"]) == (key, size)}
+        assert row["fastest"] == min(p50, key=p50.get) and row["speedup"] >= 1
+    assert "## Fastest runtime per artefact and batch size" in (bundle / "report.md").read_text()
+    assert report["environment"]["versions"]["openvino"]

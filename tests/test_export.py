@@ -18,7 +18,7 @@ from torch import nn
 from kdtool.cli import cli
 from kdtool.data import build_datasets
 from kdtool.errors import CheckFailed, KdtoolError
-from kdtool.bundle import REFERENCE_BUDGET_BYTES, reference_count
+from kdtool.bundle import ARTEFACTS, REFERENCE_BUDGET_BYTES, reference_count
 from kdtool.export import check_engine_target, choose_reduce_range, export_bundle, find_latest_run, tensorrt_scheme
 from kdtool.export.onnx_export import export_onnx, ort_session, run_batched, torch_logits
 from kdtool.export.images import ValidationBatches, preprocess
@@ -74,7 +74,7 @@ def test_onnx_matches_pytorch_at_batch_sizes(run_dir, bundle, manifest):
 
 
 def test_manifest_content(run_dir, bundle, manifest):
-    assert manifest["format"] == {"name": "kdtool-bundle", "version": 2}
+    assert manifest["format"] == {"name": "kdtool-bundle", "version": 3}
     assert manifest["input"]["name"] == "images" and manifest["output"]["name"] == "logits"
     assert manifest["input"]["shape"] == ["batch", 3, 16, 16] and manifest["output"]["shape"] == ["batch", 10]
     pre = manifest["preprocessing"]
@@ -84,7 +84,8 @@ def test_manifest_content(run_dir, bundle, manifest):
     assert provenance["recipe_sha256"] == load_recipe(bundle / "recipe.yaml").digest()
     assert provenance["checkpoint_sha256"] == sha256_file(run_dir / "best" / "model.safetensors")
     targets = {key: entry["target"] for key, entry in manifest["artefacts"].items()}
-    assert targets == {"fp32": "onnxruntime", "int8": "onnxruntime-cpu", "int8_trt": "tensorrt", "fp16": "onnxruntime-gpu"}
+    assert targets == {"fp32": "any", "int8": "cpu", "int8_trt": "tensorrt", "fp16": "gpu"}
+    assert {key: ARTEFACTS[key].target for key in targets} == targets  # the table is where they come from
     for entry in manifest["artefacts"].values():
         assert entry["kind"] == "onnx" and entry["sha256"] == sha256_file(bundle / entry["file"])
         assert entry["size_bytes"] == (bundle / entry["file"]).stat().st_size

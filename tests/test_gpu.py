@@ -5,7 +5,8 @@ CUDA (or ONNX Runtime's CUDA provider, or TensorRT) is absent; on a GPU machine 
 
 - a CUDA distillation in bf16 with channels_last, with and without torch.compile;
 - JDA on CUDA equal to JDA on the CPU, for every shipped policy;
-- export, then bench on ONNX Runtime's CUDA provider;
+- export, then bench on ONNX Runtime's CUDA provider, its rows saying the CUDA provider ran them; an
+  artefact with an op the CUDA and TensorRT providers cannot take fails on them instead of falling back;
 - where TensorRT imports: strongly typed engines built, benched, and the TensorRT INT8 engine's top-1
   within 0.5 points of the emulated Q/DQ model on the bundle's reference set.
 """
@@ -104,6 +105,8 @@ def test_export_then_bench_on_ort_cuda(cuda_run, tmp_path):
     report = run_bench(bundle, batch_sizes=[1, 32], iters=20, progress=False)
     cuda_rows = {row["artefact"] for row in report["accuracy"] if row["runtime"] == "ort-cuda"}
     assert {"fp32", "fp16"} <= cuda_rows
+    assert all(row["ran_on"] == "CUDAExecutionProvider" for row in report["accuracy"] + report["timing"]
+               if row["runtime"] == "ort-cuda")
     assert {case["artefact"] for case in report["timing"] if case["runtime"] == "ort-cuda"} >= {"fp32", "fp16"}
     assert report["gate"]["passed"]
 
@@ -125,3 +128,43 @@ def test_tensorrt_engines_build_bench_and_int8_matches_emulation(cuda_run, tmp_p
     assert {c["artefact"] for c in report["timing"] if c["runtime"] == "tensorrt"} == {"trt_fp16", "trt_int8"}
     assert report["gate"]["passed"] and not report["gate"]["not_checked"]
     assert np.isfinite([c["latency_ms"]["p50"] for c in report["timing"]]).all()
+
+
+def with_cpu_only_op(model_path: Path) -> None:
+    """Append ai.onnx.ml Binarizer (a CPU-only kernel in ONNX Runtime, no TensorRT layer) to the logits."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path))
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_raw" if name == output else name for name in node.output]
+    model.graph.node.append(helper.make_node("Binarizer", [f"{output}_raw"], [output], domain="ai.onnx.ml",
+                                             threshold=0.0))
+    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(model_path))
+
+
+def test_an_op_the_gpu_providers_cannot_take_fails_instead_of_falling_back(cuda_run, tmp_path):
+    _ort_cuda_or_skip()
+    from kdtool.bench import GateFailed, run_bench
+    from kdtool.export import export_bundle
+    from kdtool.io import sha256_file
+
+    bundle = export_bundle(cuda_run, out=tmp_path / "bundle", overrides=["export.int8.enabled=false",
+                                                                         "export.fp16=false"], progress=False)
+    with_cpu_only_op(bundle / "model.fp32.onnx")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artefacts"]["fp32"].update(sha256=sha256_file(bundle / "model.fp32.onnx"),
+                                         size_bytes=(bundle / "model.fp32.onnx").stat().st_size)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GateFailed, match="could not run") as failure:
+        run_bench(bundle, batch_sizes=[1], iters=2, progress=False)
+    report = failure.value.report
+    gpu_runtimes = {r["name"] for r in report["runtimes"] if r["available"]} & {"ort-cuda", "ort-tensorrt"}
+    failed_gpu = [f for f in report["failed"] if f["runtime"] in gpu_runtimes]
+    assert {f["runtime"] for f in failed_gpu} == gpu_runtimes and "ort-cuda" in gpu_runtimes
+    assert all("CPU fallback disabled" in f["reason"] for f in failed_gpu)
+    assert not any(row["runtime"] in gpu_runtimes for row in report["timing"] + report["accuracy"])
+    assert {row["ran_on"] for row in report["accuracy"] if row["runtime"] == "ort-cpu"} == {"CPUExecutionProvider"}

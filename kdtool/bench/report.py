@@ -14,10 +14,11 @@ from pathlib import Path
 from kdtool.io import atomic_path, write_json_atomic, write_text_atomic
 
 SCHEMA = "kdtool.bench/1"
-TIMING_COLUMNS = ("artefact", "precision", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
+TIMING_COLUMNS = ("artefact", "precision", "runtime", "ran on", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
                   "mean ms", "min ms", "images/s")
-ACCURACY_COLUMNS = ("artefact", "precision", "runtime", "top-1", "top-5", "drop vs student",
+ACCURACY_COLUMNS = ("artefact", "precision", "runtime", "ran on", "top-1", "top-5", "drop vs student",
                     "agree teacher", "agree student", "KL teacher")
+FASTEST_COLUMNS = ("artefact", "batch", "fastest", "p50 ms", "next", "next p50 ms", "speed-up")
 
 
 def _cpu_model() -> str:
@@ -37,8 +38,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def environment() -> dict:
-    """Where this run measured: host, CPU, GPU, library versions."""
+def environment(packages: tuple[str, ...] = ()) -> dict:
+    """Where this run measured: host, CPU, GPU, and the versions of kdtool, torch, onnx, numpy and `packages`
+    (the runtimes' own)."""
     import torch
 
     gpu = None
@@ -53,15 +55,34 @@ def environment() -> dict:
                 "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()},
         "gpu": gpu,
         "versions": {"python": platform.python_version(),
-                     **{name: _version(name) for name in ("kdtool", "torch", "onnx", "onnxruntime", "onnxruntime-gpu",
-                                                          "tensorrt", "numpy")}},
+                     **{name: _version(name) for name in dict.fromkeys(("kdtool", "torch", "onnx", "numpy", *packages))}},
     }
 
 
+def fastest_runtimes(timing: list[dict]) -> list[dict]:
+    """For each artefact and batch size timed on two or more runtimes: the fastest (lowest median latency),
+    the next one, and how many times faster the fastest was, on this machine."""
+    groups: dict[tuple, list[dict]] = {}
+    for case in timing:
+        groups.setdefault((case["artefact"], case["batch_size"]), []).append(case)
+    rows = []
+    for (artefact, batch_size), cases in groups.items():
+        if len({case["runtime"] for case in cases}) < 2:
+            continue
+        best, following = sorted(cases, key=lambda case: case["latency_ms"]["p50"])[:2]
+        rows.append({"artefact": artefact, "batch_size": batch_size, "fastest": best["runtime"],
+                     "p50_ms": best["latency_ms"]["p50"], "next": following["runtime"],
+                     "next_p50_ms": following["latency_ms"]["p50"],
+                     "speedup": following["latency_ms"]["p50"] / best["latency_ms"]["p50"]})
+    return rows
+
+
 def build_report(bundle, settings, eval_set, runtimes: list[dict], timing: list[dict], accuracy: list[dict],
-                 outcome, failures: list[dict], not_checked: dict[str, str]) -> dict:
-    """The report as plain data (what report.json holds)."""
-    env = environment()
+                 outcome, failures: list[dict], not_checked: dict[str, str], registry=None) -> dict:
+    """The report as plain data (what report.json holds); `registry` (the runtimes tried) names the packages
+    whose versions it records."""
+    packages = tuple(name for runtime in (registry or {}).values() for name in runtime.packages)
+    env = environment(packages)
     checked = sorted({row["artefact"] for row in accuracy} & {a.key for a in bundle.artefacts})
     return {
         "schema": SCHEMA,
@@ -78,6 +99,7 @@ def build_report(bundle, settings, eval_set, runtimes: list[dict], timing: list[
         },
         "runtimes": runtimes,
         "timing": timing,
+        "fastest": fastest_runtimes(timing),
         "accuracy": accuracy,
         "skipped": outcome.skipped,
         "failed": outcome.failed,
@@ -112,16 +134,22 @@ def _timing_cells(report: dict) -> list[tuple[str, ...]]:
     rows = []
     for case in report["timing"]:
         latency = case["latency_ms"]
-        rows.append((case["artefact"], case["precision"], case["runtime"], str(case["batch_size"]), str(case["threads"]),
+        rows.append((case["artefact"], case["precision"], case["runtime"], case["ran_on"], str(case["batch_size"]),
+                     str(case["threads"]),
                      *(_fmt(latency[k], 3) for k in ("p50", "p90", "p99", "mean", "min")),
                      _fmt(case["throughput_ips"], 1)))
     return rows
 
 
 def _accuracy_cells(report: dict) -> list[tuple[str, ...]]:
-    return [(row["artefact"], row["precision"], row["runtime"], _fmt(row["top1"]), _fmt(row["top5"]),
+    return [(row["artefact"], row["precision"], row["runtime"], row.get("ran_on", "-"), _fmt(row["top1"]), _fmt(row["top5"]),
              _fmt(row.get("top1_drop")), _fmt(row.get("teacher_agreement")), _fmt(row.get("student_agreement")),
              _fmt(row.get("teacher_kl"), 4)) for row in report["accuracy"]]
+
+
+def _fastest_cells(report: dict) -> list[tuple[str, ...]]:
+    return [(row["artefact"], str(row["batch_size"]), row["fastest"], _fmt(row["p50_ms"], 3), row["next"],
+             _fmt(row["next_p50_ms"], 3), f"{row['speedup']:.2f}x") for row in report["fastest"]]
 
 
 def _markdown_table(columns, rows) -> str:
@@ -145,6 +173,10 @@ def render_markdown(report: dict) -> str:
         _markdown_table(("package", "version"), [(k, v) for k, v in env["versions"].items() if v]),
         "## Timing",
         _markdown_table(TIMING_COLUMNS, _timing_cells(report)),
+        "## Fastest runtime per artefact and batch size",
+        "Where two or more runtimes ran an artefact: the lowest median (p50) latency on this machine, and how many "
+        "times faster it was than the next.",
+        _markdown_table(FASTEST_COLUMNS, _fastest_cells(report)),
         "## Accuracy",
         "Top-1/top-5 and agreement in %, drop in points vs the float student (PyTorch), KL = mean KL(teacher || model).",
         _markdown_table(ACCURACY_COLUMNS, _accuracy_cells(report)),
@@ -221,7 +253,8 @@ def _console_table(title: str, columns: tuple[str, ...], shown: tuple[str, ...],
     table = Table(title=title)
     picked = [columns.index(name) for name in shown]
     for name in shown:
-        table.add_column(name, no_wrap=name in ("artefact", "runtime"), justify="left" if name in ("artefact", "runtime") else "right")
+        text = name in ("artefact", "runtime", "fastest", "next")
+        table.add_column(name, no_wrap=text, justify="left" if text else "right")
     for row in rows:
         table.add_row(*(row[i] for i in picked))
     return table
@@ -234,6 +267,8 @@ def print_report(report: dict, console=None) -> None:
 
     console = console or Console()
     console.print(_console_table("Timing", TIMING_COLUMNS, CONSOLE_TIMING, _timing_cells(report)))
+    if report["fastest"]:
+        console.print(_console_table("Fastest runtime here", FASTEST_COLUMNS, FASTEST_COLUMNS, _fastest_cells(report)))
     console.print(_console_table("Accuracy (%)", ACCURACY_COLUMNS, CONSOLE_ACCURACY, _accuracy_cells(report)))
     for runtime in report["runtimes"]:
         if not runtime["available"]:

@@ -7,8 +7,9 @@ Every artefact goes through one batched runner (`kdtool.export.runner.batched_lo
 
 An artefact/runtime pair is skipped only when the runtime is not available here, or, for the FP16 ONNX on
 ONNX Runtime's CPU provider, when export already found that provider cannot run it; anything else that
-stops a case is a failure (exit 1, after the report is written). The gate names what it checked and
-what it could not check here; it never passes over an artefact it did not check.
+stops a case is a failure (exit 1, after the report is written), among them a runtime that did not get
+its provider (kdtool.bench.ort_runner). The gate names what it checked and what it could not check here;
+it never passes over an artefact it did not check, nor when the teacher is at chance on the data.
 """
 from __future__ import annotations
 
@@ -16,27 +17,25 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from kdtool.bench.accuracy import GateFailed, accuracy_row, format_failures, gate_failures, reference_row
-from kdtool.bench.bundle import Artefact, Bundle, load_bundle
+from kdtool.bench.accuracy import (
+    GateFailed, accuracy_row, format_failures, gate_failures, reference_row, teacher_failures,
+)
+from kdtool.bench.eval_set import EvalSet, reference_eval_set, run_eval_set
+from kdtool.bench.loading import Artefact, Bundle, load_bundle
 from kdtool.bench.report import build_report, write_report
 from kdtool.bench.runtimes import RUNTIMES, RunnerOptions, Runtime
 from kdtool.bench.timing import latency_stats, measure
-from kdtool.bundle import BundleMismatch, bundle_lock, read_reference
-from kdtool.data import DataInfo, build_datasets, build_loader
+from kdtool.bundle import BundleMismatch, bundle_lock
 from kdtool.errors import KdtoolError
-from kdtool.evaluate import predict
-from kdtool.export.images import preprocess
 from kdtool.export.runner import batched_logits
 from kdtool.recipe import BenchConfig
-from kdtool.rundir import RECIPE_FILE, load_student, load_teacher
 
 ROTATING_BATCHES = 8  # distinct real batches cycled through while timing, so no single input is cached hot
-EVAL_BATCH = 64  # images per accuracy batch fed to a runner (a runner with a smaller maximum takes fewer)
 
 
 @dataclass(frozen=True)
@@ -91,65 +90,6 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-# ------------------------------------------------------------------ what accuracy rests on
-@dataclass
-class EvalSet:
-    """Images (as re-iterable preprocessed batches), labels, and the teacher's and float student's logits."""
-
-    description: str
-    source: str  # "reference" (the bundle's) or "validation" (the run's whole validation set)
-    labels: np.ndarray
-    teacher_logits: np.ndarray
-    student_logits: np.ndarray
-    batches: Callable[[], Iterator[np.ndarray]]
-    student: torch.nn.Module | None = None  # the float student, when the run is present
-    reference_runtime: str = "reference"
-
-    def timing_pool(self, size: int) -> np.ndarray:
-        pool, total = [], 0
-        for batch in self.batches():
-            pool.append(batch)
-            total += len(batch)
-            if total >= size:
-                break
-        return np.concatenate(pool)[:size]
-
-
-def reference_eval_set(bundle: Bundle) -> EvalSet:
-    """The bundle's reference set: what it was exported with, no run and no dataset needed."""
-    reference = read_reference(bundle.directory, bundle.manifest)
-    pre, n = bundle.manifest.preprocessing, len(reference.labels)
-    return EvalSet(reference.description, "reference", reference.labels, reference.teacher_logits,
-                   reference.student_logits,
-                   lambda: (reference.preprocessed(start, start + EVAL_BATCH, pre) for start in range(0, n, EVAL_BATCH)),
-                   reference_runtime="pytorch@export")
-
-
-def run_eval_set(bundle: Bundle, data_root: str, device: torch.device) -> EvalSet:
-    """The whole validation set under `data_root`, with the teacher and student of the run the bundle names."""
-    run_dir = Path(bundle.manifest.provenance.run_dir)
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise KdtoolError(f"--data needs the training run for the teacher and float student: provenance.run_dir "
-                          f"{run_dir} is not here (without --data, bench uses the bundle's reference set)")
-    recipe = bundle.recipe
-    data_cfg = recipe.data.model_copy(update={"root": str(data_root)})
-    datasets = build_datasets(data_cfg)
-    pre = bundle.manifest.preprocessing
-    if datasets.info.image_size != pre.image_size or datasets.info.num_classes != bundle.manifest.model.num_classes:
-        raise KdtoolError(f"--data {data_root}: {datasets.info.num_classes} classes at {datasets.info.image_size} px, "
-                          f"the bundle expects {bundle.manifest.model.num_classes} at {pre.image_size}")
-    info: DataInfo = dataclasses.replace(datasets.info, mean=tuple(pre.mean), std=tuple(pre.std))
-    loader = build_loader(datasets.val, data_cfg, train=False)
-    teacher = load_teacher(run_dir, recipe, datasets.info).to(device)  # maps the student's inputs to its own
-    student = load_student(run_dir, recipe, datasets.info)
-    teacher_logits, labels = predict(teacher, loader, info, device=device)
-    student_logits, _ = predict(student, loader, info)
-    return EvalSet(f"the validation set under {data_root}: {len(labels)} images", "validation", labels.numpy(),
-                   teacher_logits.numpy(), student_logits.numpy(),
-                   lambda: (preprocess(images, info) for images, _ in loader), student=student,
-                   reference_runtime=f"pytorch-{device.type}")
-
-
 # ------------------------------------------------------------------ running the cases
 @dataclass
 class Outcome:
@@ -163,15 +103,18 @@ class Outcome:
         self.failed.append({"artefact": artefact.key, "runtime": runtime.name, **where, "reason": _first_line(exc)})
 
 
-def _runtime_status() -> list[dict]:
+def _runtime_status(runtimes: Mapping[str, Runtime]) -> list[dict]:
     return [{"name": runtime.name, "available": (reason := runtime.unavailable_reason()) is None, "reason": reason}
-            for runtime in RUNTIMES.values()]
+            for runtime in runtimes.values()]
 
 
-def _open_cases(artefacts: list[Artefact], runtimes: list[dict], options: RunnerOptions, outcome: Outcome) -> None:
-    """Open every artefact on every runtime that serves its target; skip only what is not installed here."""
-    for status in runtimes:
-        runtime = RUNTIMES[status["name"]]
+def _open_cases(artefacts: list[Artefact], runtimes: Mapping[str, Runtime], statuses: list[dict],
+                options: RunnerOptions, outcome: Outcome) -> None:
+    """Open every artefact on every runtime that serves its target; skip only what is not installed here.
+    A runtime that cannot open an artefact it serves (its provider not obtained, a file it cannot load)
+    fails that case."""
+    for status in statuses:
+        runtime = runtimes[status["name"]]
         for artefact in (a for a in artefacts if runtime.runs(a)):
             if not status["available"]:
                 outcome.skipped.append({"artefact": artefact.key, "runtime": runtime.name, "reason": status["reason"]})
@@ -198,7 +141,7 @@ def _accuracy(eval_set: EvalSet, outcome: Outcome) -> list[dict]:
             outcome.fail(artefact, runtime, exc, stage="accuracy")
             outcome.cases.remove(case)
             continue
-        rows.append(accuracy_row(artefact.key, artefact.precision, runtime.name, logits, eval_set.labels,
+        rows.append(accuracy_row(artefact.key, artefact.precision, runtime.name, runner.ran_on, logits, eval_set.labels,
                                  eval_set.teacher_logits, eval_set.student_logits))
     return rows
 
@@ -230,7 +173,7 @@ def _time_all(outcome: Outcome, settings: BenchSettings, pool: np.ndarray, bar) 
                 continue
             timing.append({
                 "artefact": artefact.key, "precision": artefact.precision, "runtime": runtime.name,
-                "batch_size": size, "threads": settings.threads,
+                "ran_on": runner.ran_on, "batch_size": size, "threads": settings.threads,
                 "include_copies": settings.include_copies if runtime.uses_gpu else None,
                 "cuda_graphs": settings.cuda_graphs if runtime.name == "tensorrt" else None,
                 **latency_stats(durations, size),
@@ -251,11 +194,13 @@ def not_checked(bundle: Bundle, accuracy: list[dict], outcome: Outcome) -> dict[
 
 def run_bench(bundle_dir: Path, *, batch_sizes: list[int] | None = None, iters: int | None = None,
               duration: float | None = None, threads: int | None = None, data: str | None = None,
-              include_copies: bool | None = None, cuda_graphs: bool | None = None, progress: bool = True) -> dict:
+              include_copies: bool | None = None, cuda_graphs: bool | None = None, progress: bool = True,
+              runtimes: Mapping[str, Runtime] = RUNTIMES) -> dict:
     """Benchmark the bundle in `bundle_dir`: latency/throughput and accuracy of every artefact on every
     available runtime that serves its target, the recipe's accuracy gate, and report.{json,md,png}
     written into the bundle. Accuracy rests on the bundle's reference set, or with `data` (a dataset root)
-    on that whole validation set, which needs the training run.
+    on that whole validation set, which needs the training run. `runtimes` (default: every registered
+    one) are the runtimes to try.
 
     Returns the report; raises `GateFailed` (exit 1, after writing the report) when the gate fails or an
     artefact could not run on a runtime that serves it.
@@ -264,7 +209,7 @@ def run_bench(bundle_dir: Path, *, batch_sizes: list[int] | None = None, iters: 
         bundle = load_bundle(Path(bundle_dir))
         settings = resolve_settings(bundle.recipe.bench, batch_sizes=batch_sizes, iters=iters, duration=duration,
                                     threads=threads, include_copies=include_copies, cuda_graphs=cuda_graphs)
-        report, failures, outcome = _bench(bundle, settings, data, progress)
+        report, failures, outcome = _bench(bundle, settings, data, progress, runtimes)
         write_report(bundle.directory, report)
     if outcome.failed:
         cases = "; ".join(f"{f['artefact']} on {f['runtime']} ({f['stage']}): {f['reason']}" for f in outcome.failed)
@@ -274,11 +219,11 @@ def run_bench(bundle_dir: Path, *, batch_sizes: list[int] | None = None, iters: 
     return report
 
 
-def _bench(bundle: Bundle, settings: BenchSettings, data: str | None, progress: bool):
+def _bench(bundle: Bundle, settings: BenchSettings, data: str | None, progress: bool, runtimes: Mapping[str, Runtime]):
     from rich.progress import Progress
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runtimes = _runtime_status()
+    statuses = _runtime_status(runtimes)
     outcome = Outcome()
     manifest = bundle.manifest
     options = RunnerOptions(bundle.input_name, bundle.output_name, settings.threads, settings.include_copies,
@@ -288,11 +233,14 @@ def _bench(bundle: Bundle, settings: BenchSettings, data: str | None, progress: 
         artefacts = list(bundle.artefacts)
         if eval_set.student is not None:
             artefacts.insert(0, Artefact("student", "fp32", "pytorch", model=eval_set.student))
-        _open_cases(artefacts, runtimes, options, outcome)
+        _open_cases(artefacts, runtimes, statuses, options, outcome)
         accuracy = _accuracy(eval_set, outcome)
         pool = eval_set.timing_pool(ROTATING_BATCHES * max(settings.batch_sizes))
         timing = _time_all(outcome, settings, pool, bar)
     unchecked = not_checked(bundle, accuracy, outcome)
-    failures = gate_failures(accuracy, bundle.recipe.bench.gate, {a.key for a in bundle.artefacts})
-    report = build_report(bundle, settings, eval_set, runtimes, timing, accuracy, outcome, failures, unchecked)
+    gated = {artefact.key for artefact in bundle.artefacts}
+    failures = (teacher_failures(accuracy, len(eval_set.labels), manifest.model.num_classes)
+                + gate_failures(accuracy, bundle.recipe.bench.gate, gated))
+    report = build_report(bundle, settings, eval_set, statuses, timing, accuracy, outcome, failures, unchecked,
+                          runtimes)
     return report, failures, outcome

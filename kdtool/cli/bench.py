@@ -18,8 +18,10 @@ from kdtool.cli.common import debug_option, handle_errors
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for ONNX Runtime (intra-op) and PyTorch.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Dataset root (the recipe's dataset kind): accuracy on its whole validation set, with the teacher "
-                   "and float student of the training run, instead of the bundle's reference set.")
+              help="Dataset root, read as the bundle's dataset kind: accuracy on its whole validation set, with the "
+                   "teacher and float student of the training run, instead of the bundle's reference set. Refused "
+                   "when its classes (count, names, order) are not the bundle's, and for datasets without a root "
+                   "(the embedded digits).")
 @click.option("--exclude-copies", is_flag=True, default=None,
               help="GPU runtimes: time inference only, inputs and outputs already on the device.")
 @click.option("--cuda-graphs", is_flag=True, default=None, help="Native TensorRT: replay CUDA graphs.")
@@ -30,8 +32,9 @@ def bench(bundle, batch_sizes, iters, duration, threads, data, exclude_copies, c
     """Time every artefact of BUNDLE on every available runtime that serves its target and check its
     accuracy against the teacher and the float student, on the bundle's own reference set (no run or
     dataset needed). Writes report.{json,md,png} into BUNDLE; exits 1 when the recipe's accuracy gate
-    (bench.gate) is missed or an artefact cannot run on a runtime that serves it, and names what could
-    not be checked here (a runtime not installed). BUNDLE defaults to the newest under export/.
+    (bench.gate) is missed, the teacher is at chance on the data, or an artefact cannot run on a runtime
+    that serves it (a GPU runtime that did not get its provider included), and names what could not be
+    checked here (a runtime not installed). BUNDLE defaults to the newest under export/.
 
     \b
     Examples:

@@ -1,7 +1,7 @@
 """The export stage: ONNX (verified against PyTorch), INT8 Q/DQ for ONNX Runtime on CPUs and for TensorRT
 (with accuracy-aware fallback), FP16, strongly typed TensorRT engines, and the portable bundle."""
 from kdtool.bundle import MANIFEST_FILE, Manifest, read_manifest
-from kdtool.export.bundle import bundle_dir_for, export_bundle, find_latest_run, rebuild_engines, run_recipe
+from kdtool.export.stage import bundle_dir_for, export_bundle, find_latest_run, rebuild_engines, run_recipe
 from kdtool.export.onnx_export import compare_logits, export_onnx, verify_logits
 from kdtool.export.quantize import (
     QuantScheme, choose_reduce_range, convert_fp16, cpu_scheme, node_sensitivity, quantize_with_fallback,

@@ -150,6 +150,64 @@ def _calibration_reader(images: np.ndarray, input_name: str, batch_size: int):
     return ImageBatches()
 
 
+# ------------------------------------------------------------------ TensorRT's constraints on a Q/DQ graph
+# the weight axis TensorRT quantises per channel (output channels), per consumer of a DequantizeLinear'd weight
+_WEIGHT_AXIS = {"Conv": lambda node, rank: 0, "ConvTranspose": lambda node, rank: 1,
+                "Gemm": lambda node, rank: 0 if _attribute(node, "transB", 0) else 1,
+                "MatMul": lambda node, rank: rank - 1}
+
+
+def _attribute(node, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _qdq_node_violations(node, constants: dict, consumers: dict) -> list[str]:
+    where = f"{node.op_type} {node.name or node.output[0]!r}"
+    scale = constants.get(node.input[1]) if len(node.input) > 1 else None
+    zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    problems = []
+    if zero_point is None:
+        if len(node.input) > 2 and node.input[2]:
+            problems.append(f"{where}: its zero point is not a constant")
+        elif _attribute(node, "output_dtype", 0) != onnx.TensorProto.INT8:
+            problems.append(f"{where}: no zero point, so uint8 (TensorRT takes int8 only)")
+    elif zero_point.dtype != np.int8:
+        problems.append(f"{where}: zero point is {zero_point.dtype} (TensorRT takes int8 only)")
+    elif np.any(zero_point != 0):
+        problems.append(f"{where}: zero point {int(zero_point.flat[np.flatnonzero(zero_point)[0]])} (TensorRT takes 0 only)")
+    if scale is None or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        problems.append(f"{where}: its scale is not a positive finite constant")
+    elif scale.size > 1:
+        weight = constants.get(node.input[0])
+        if weight is None:
+            problems.append(f"{where}: per-channel scales on an activation (TensorRT quantises activations per tensor)")
+        for consumer, position in consumers.get(node.output[0], []):
+            if weight is not None and position == 1 and consumer.op_type in _WEIGHT_AXIS:
+                axis, expected = _attribute(node, "axis", 1) % weight.ndim, _WEIGHT_AXIS[consumer.op_type](consumer, weight.ndim)
+                if axis != expected:
+                    problems.append(f"{where}: per-channel axis {axis} for {consumer.op_type} weights "
+                                    f"(TensorRT quantises axis {expected}, the output channels)")
+    return problems
+
+
+def tensorrt_qdq_violations(model: onnx.ModelProto) -> list[str]:
+    """Where a Q/DQ graph breaks what TensorRT's ONNX parser accepts for explicit quantisation: int8 zero
+    points that are 0 (symmetric), positive scales, per-tensor activations, per-channel weights only along
+    the output channels. Empty when the graph fits."""
+    from onnx import numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, position))
+    return [problem for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+            for problem in _qdq_node_violations(node, constants, consumers)]
+
+
 # ------------------------------------------------------------------ quantisation
 def preprocess_for_quantization(float_path: Path, out_path: Path) -> None:
     """ONNX Runtime's quant_pre_process: shape inference and graph optimisation (no BN left, fused ops)."""

@@ -1,7 +1,8 @@
 """One ONNX Runtime session factory and one batched-inference path, shared by export's verification,
 the INT8 fallback and sensitivity, and every runtime of `kdtool bench`.
 
-`ort_session` opens a model on a provider chain. `emulated=True` turns every graph optimisation off
+`ort_session` opens a model on the providers asked for and checks it got the first of them.
+`emulated=True` turns every graph optimisation off
 (ORT_DISABLE_ALL): ONNX Runtime then runs a Q/DQ graph node by node, QuantizeLinear rounding and
 saturating to the integer grid and DequantizeLinear mapping back to float before each float Conv/Gemm,
 so no integer kernel (QLinearConv, ConvInteger, MatMulInteger) runs; those only appear when the QDQ
@@ -12,6 +13,8 @@ no integer kernel.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -23,9 +26,17 @@ Predict = Callable[[np.ndarray], np.ndarray]  # a float32 (n, 3, H, W) batch -> 
 CPU = ("CPUExecutionProvider",)
 
 
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
 def ort_session(model: Path | bytes, *, providers: Sequence = CPU, threads: int | None = None,
-                emulated: bool = False, optimized_model_path: Path | None = None):
-    """An ONNX Runtime session on `providers` (full graph optimisation, or none when `emulated`)."""
+                emulated: bool = False, optimized_model_path: Path | None = None, cpu_fallback: bool = True):
+    """An ONNX Runtime session on `providers` (full graph optimisation, or none when `emulated`), whose first
+    provider is the first one asked for, or KdtoolError. With `cpu_fallback` False, ONNX Runtime refuses to
+    place any node on its CPU provider (the `session.disable_cpu_ep_fallback` session config entry of
+    onnxruntime_session_options_config_keys.h), and a failed run is
+    never retried on other providers (InferenceSession.disable_fallback)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -37,12 +48,22 @@ def ort_session(model: Path | bytes, *, providers: Sequence = CPU, threads: int 
         options.inter_op_num_threads = 1
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
-    source = model if isinstance(model, bytes) else str(model)
+    if not cpu_fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    source, wanted = (model if isinstance(model, bytes) else str(model)), _provider_name(providers[0])
+    name = model if isinstance(model, Path) else "the model"
     try:
-        return ort.InferenceSession(source, options, providers=list(providers))
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints its own fallback attempts to stdout
+            session = ort.InferenceSession(source, options, providers=list(providers))
     except Exception as exc:  # ORT raises its own exception types (Fail, NotImplemented, InvalidGraph, ...)
-        raise KdtoolError(f"ONNX Runtime cannot load {model if isinstance(model, Path) else 'the model'}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdtoolError(f"ONNX Runtime cannot load {name} on {wanted}"
+                          f"{'' if cpu_fallback else ' (CPU fallback disabled)'}: {reason}") from None
+    session.disable_fallback()
+    if session.get_providers()[0] != wanted:
+        raise KdtoolError(f"ONNX Runtime did not give {name} the {wanted} it asked for: the session has "
+                          f"{', '.join(session.get_providers())}")
+    return session
 
 
 def session_predict(session, output_name: str | None = None) -> Predict:

@@ -84,15 +84,22 @@ def _builder_config(trt, builder, cfg: TensorRTConfig, input_name: str, image_si
     # IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes): 8.4+, 10.x, 11.x
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
     profile = builder.create_optimization_profile()  # 10.x, 11.x
-    profile.set_shape(input_name, *[(batch, 3, image_size, image_size)
-                                    for batch in (cfg.min_batch, cfg.opt_batch, cfg.max_batch)])
-    config.add_optimization_profile(profile)
+    shapes = [(batch, 3, image_size, image_size) for batch in (cfg.min_batch, cfg.opt_batch, cfg.max_batch)]
+    if profile.set_shape(input_name, *shapes) is False:  # setDimensions returns bool in C++; None where a binding hides it
+        raise KdtoolError(f"TensorRT refused the batch profile {shapes} for input {input_name!r}")
+    if config.add_optimization_profile(profile) < 0:  # the profile's index, -1 when it is invalid: 8.0+, 10.x, 11.x
+        raise KdtoolError(f"TensorRT refused the batch profile {cfg.min_batch}/{cfg.opt_batch}/{cfg.max_batch} "
+                          f"for input {input_name!r}")
     # The timing cache is TensorRT's own binary format (not a pickle); TensorRT rejects a foreign one.
     # create_timing_cache(bytes) / set_timing_cache(cache, ignore_mismatch): 8.0+, 10.x, 11.x
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     if cache is None:
         raise KdtoolError(f"TensorRT cannot read the timing cache {timing_cache}; delete it to start a fresh one")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # set_timing_cache returns False when the cache was made for another device or TensorRT version (with
+    # ignore_mismatch=False): such timings do not hold here, so the build starts from an empty cache
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise KdtoolError("TensorRT refused an empty timing cache (set_timing_cache returned False)")
     return config
 
 

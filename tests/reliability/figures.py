@@ -105,6 +105,18 @@ FAULTS = {
                           "escaping the bundle, hashes, engine targets) and artefacts that cannot run",
                           "exit 2 in one line naming the bundle; an unloadable artefact exits 1; never 'gate passed'",
                           "test_bundle_faults.py::test_bench_refuses_bundles_that_do_not_fit_their_manifest"),
+    "bench_data": Fault("`kdtool bench --data DIR` given what the bundle was not made from (a missing DIR, a file, "
+                        "another dataset kind, renamed or missing class folders, the classes' images swapped) or an "
+                        "embedded dataset's bundle; reference arrays whose .npy header claims 10**12 labels, another "
+                        "dtype or order, or whose labels no longer match the teacher",
+                        "refused with one line naming DIR or the array, exit 2; a teacher at chance fails the gate, "
+                        "exit 1; otherwise every image under DIR is read",
+                        "test_bench_inputs.py"),
+    "artefact_constraints": Fault("the TensorRT INT8 artefact edited against TensorRT's Q/DQ constraints: a non-zero "
+                                  "or uint8 activation zero point, weights quantised along their input channels, "
+                                  "per-channel activation scales",
+                                  "refused before it is judged, one line naming the artefact and the node, exit 2",
+                                  "test_bench_inputs.py::test_tensorrt_int8_constraints_checked_before_judging"),
     "manifest_fuzz": Fault("fuzzed manifests (hypothesis: any JSON value at any key path, deletions, extra keys) and "
                            "broken manifest bytes, deep nesting, huge documents",
                            "never a traceback; exit 0, 1 (report written) or 2 in one line naming the manifest",

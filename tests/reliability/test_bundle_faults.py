@@ -25,15 +25,26 @@ from conftest import one_line_error
 from kdtool.bundle import bundle_lock, find_latest_bundle, lock_file, read_manifest
 from kdtool.export import export_bundle, export_onnx
 from kdtool.io import sha256_file
-from runs import REPO, reference, set_args  # noqa: F401
+from kdtool.recipe import load_recipe
+from kdtool.train import distill
+from runs import MICRO, QUICKSTART, REPO, reference, set_args  # noqa: F401
 
 FP32_ONLY = ["export.int8.enabled=false", "export.fp16=false"]
 FAST_BENCH = ["--iters", "1", "--batch", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def good_bundle(reference, tmp_path_factory) -> Path:
-    return export_bundle(reference[0], out=tmp_path_factory.mktemp("bundles") / "good", overrides=FP32_ONLY,
+def learned_run(tmp_path_factory) -> Path:
+    """A micro run whose teacher learned (the whole digits training set for an epoch): bench refuses to pass a
+    gate over a teacher at chance, which the micro run's teacher is."""
+    run_dir = tmp_path_factory.mktemp("learned") / "run"
+    distill(load_recipe(QUICKSTART, [*MICRO, "data.train_fraction=1.0", "train.epochs=1"]), run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def good_bundle(learned_run, tmp_path_factory) -> Path:
+    return export_bundle(learned_run, out=tmp_path_factory.mktemp("bundles") / "good", overrides=FP32_ONLY,
                          progress=False)
 
 
@@ -110,10 +121,10 @@ def _lock_is_held(path: Path) -> bool:
     return False
 
 
-def test_bench_racing_export_overwrite_is_refused(reference, good_bundle, tmp_path, cli_runner, fault_trials):
+def test_bench_racing_export_overwrite_is_refused(learned_run, good_bundle, tmp_path, cli_runner, fault_trials):
     trials = fault_trials("bundle_lock")
     bundle = copy_of(good_bundle, tmp_path / "bundle")
-    args = [sys.executable, "-m", "kdtool.cli", "export", str(reference[0]), "--out", str(bundle), "--overwrite",
+    args = [sys.executable, "-m", "kdtool.cli", "export", str(learned_run), "--out", str(bundle), "--overwrite",
             "--no-progress", *set_args(FP32_ONLY)]
     with trials.trial():
         process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -132,7 +143,7 @@ def test_bench_racing_export_overwrite_is_refused(reference, good_bundle, tmp_pa
     with trials.trial():
         before = user_files(bundle)
         with bundle_lock(bundle):  # a bench in progress
-            line = one_line_error(cli_runner("export", reference[0], "--out", bundle, "--overwrite", *set_args(FP32_ONLY)))
+            line = one_line_error(cli_runner("export", learned_run, "--out", bundle, "--overwrite", *set_args(FP32_ONLY)))
         assert "in use" in line and user_files(bundle) == before
 
 
@@ -166,6 +177,27 @@ def test_leftovers_are_never_bundles_and_only_kdtools_are_cleaned(reference, goo
         assert not any(path.exists() for path in ours)
         assert (users / "keep.txt").exists() and (elsewhere / "keep.txt").exists()
         assert (root / ".b.yyyy8888.old").is_symlink() and other_bundle_staging.exists()
+
+
+def test_a_killed_exports_leftovers_are_cleaned_by_the_next(learned_run, tmp_path, cli_runner, fault_trials):
+    """SIGKILL an export while it writes: its .partial and its lock stay behind; the next export takes the
+    lock (the kernel released it), removes the .partial, and writes a bundle that benches."""
+    trials = fault_trials("bundle_lock")
+    bundle = tmp_path / "export" / "b"
+    args = [sys.executable, "-m", "kdtool.cli", "export", str(learned_run), "--out", str(bundle), "--no-progress",
+            *set_args(FP32_ONLY)]
+    with trials.trial():
+        process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(bundle.parent.glob(".b.*.partial")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.kill()
+        process.wait(timeout=60)
+        assert list(bundle.parent.glob(".b.*.partial")) and lock_file(bundle).exists() and not bundle.exists()
+        result = cli_runner("export", learned_run, "--out", bundle, *set_args(FP32_ONLY))
+        assert result.exit_code == 0, result.output
+        assert not list(bundle.parent.glob(".b.*.partial")) and not _lock_is_held(lock_file(bundle))
+        assert cli_runner("bench", bundle, *FAST_BENCH).exit_code == 0
 
 
 # ------------------------------------------------------------------ bench over hostile bundles
@@ -235,7 +267,7 @@ EXIT_2_CASES = {  # damage -> a fragment of the one error line
     "image_size: 'abc'": (lambda b, t: edit_manifest(b, lambda d: d["preprocessing"].update(image_size="abc")), "preprocessing.image_size"),
     "7-value mean": (lambda b, t: edit_manifest(b, lambda d: d["preprocessing"].update(mean=[0.5] * 7)), "preprocessing.mean"),
     "NaN std": (lambda b, t: (b / "manifest.json").write_text((b / "manifest.json").read_text().replace('"std": [', '"std": [NaN, ', 1)), "preprocessing.std"),
-    "old format version": (lambda b, t: edit_manifest(b, lambda d: d["format"].update(version=1)), "export the bundle again"),
+    "old format version": (lambda b, t: edit_manifest(b, lambda d: d["format"].update(version=2)), "written by kdtool"),
     "reference labels pickled": (_pickled_labels, "reference"),
     "reference labels out of range": (_labels_out_of_range, "labels outside"),
 }
@@ -264,3 +296,13 @@ def test_bench_fails_an_artefact_that_cannot_run(good_bundle, tmp_path, cli_runn
         assert "could not run" in result.output and "gate passed" not in result.output
         report = json.loads((bundle / "report.json").read_text())
         assert report["gate"]["passed"] is False and report["failed"][0]["artefact"] == "fp32"
+
+
+def test_data_for_an_embedded_dataset_is_refused(good_bundle, tmp_path, cli_runner, fault_trials):
+    """The digits are embedded: a `--data DIR` would not be read, so it is refused (exit 2), DIR present or not."""
+    trials = fault_trials("bench_data")
+    (tmp_path / "digits").mkdir()
+    for directory in (tmp_path / "digits", tmp_path / "missing"):
+        with trials.trial():
+            line = one_line_error(cli_runner("bench", good_bundle, "--data", directory, *FAST_BENCH))
+            assert "takes no root" in line and str(directory) in line, line

@@ -198,7 +198,7 @@ def test_tensorrt_timing_cache(marker, tmp_path):
 
 def test_tensorrt_engine(marker, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: no engine is read here")
-    from kdtool.bench.bundle import Artefact
+    from kdtool.bench.loading import Artefact
     from kdtool.bench.runtimes import RunnerOptions, TensorRTRunner
     from kdtool.errors import KdtoolError
 

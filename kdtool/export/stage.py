@@ -1,8 +1,9 @@
 """The export stage: a run's best student -> a verified, self-describing, portable deploy bundle.
 
 A bundle is written into a staging directory and renamed into place at the end, so a bundle directory
-that exists is complete; the bundle's lock is held throughout (bench takes the same lock). The layout
-and the manifest model live in `kdtool.bundle`; `export/README.md` documents every manifest key.
+that exists is complete; the bundle's lock is held throughout (bench takes the same lock). The artefact
+table, the layout and the manifest model live in the `kdtool.bundle` package; `export/README.md`
+documents every manifest key.
 `rebuild_engines` needs only the bundle: its ONNX sources, its recipe and its manifest.
 """
 from __future__ import annotations
@@ -19,22 +20,24 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 import torch
 
-from kdtool import bundle as layout
+from kdtool import bundle
 from kdtool.bundle import (
     ARTEFACTS, ENGINE_SOURCES, MANIFEST_FILE, STAGING_MARKER, TIMING_CACHE_FILE, Manifest, bundle_lock,
     check_bundle_target, check_file, clean_leftovers, file_entry, is_bundle, read_manifest, write_manifest,
 )
 from kdtool.data import DataInfo, Datasets, build_datasets
-from kdtool.errors import KdtoolError
+from kdtool.errors import CheckFailed, KdtoolError
 from kdtool.evaluate import topk_accuracy
 from kdtool.export.images import PREPROCESSING, ValidationBatches, calibration_set, first_images, preprocess
 from kdtool.export.onnx_export import (
     BATCH_DIM, EXPORTER, INPUT_NAME, OUTPUT_NAME, compare_logits, export_onnx, torch_logits, verify_logits,
 )
 from kdtool.export.quantize import (
-    QuantScheme, choose_reduce_range, convert_fp16, cpu_flags, cpu_scheme, quantize_with_fallback, tensorrt_scheme,
+    QuantScheme, choose_reduce_range, convert_fp16, cpu_flags, cpu_scheme, quantize_with_fallback, tensorrt_qdq_violations,
+    tensorrt_scheme,
 )
 from kdtool.export.runner import ort_session, run_batched
 from kdtool.export.tensorrt import build_engine, require_tensorrt
@@ -58,7 +61,7 @@ def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
 
 def bundle_dir_for(recipe: Recipe) -> Path:
     """The bundle directory a recipe names: export.root / (export.name or the recipe name), never outside the root."""
-    return layout.bundle_dir_for(recipe.export.root, recipe.export.name or recipe.name)
+    return bundle.bundle_dir_for(recipe.export.root, recipe.export.name or recipe.name)
 
 
 def _check_writable(target: Path) -> None:
@@ -170,6 +173,10 @@ def _int8_artefact(staging: Path, key: str, scheme: QuantScheme, calibration: np
                                     float_top1=float_top1)
     say(f"{key} top-1 {result.int8_top1:.2f}% (drop {result.top1_drop:.2f} points, "
         f"{len(result.kept_in_float)} node(s) kept in float)")
+    if scheme.symmetric:
+        violations = tensorrt_qdq_violations(onnx.load(str(path)))
+        if violations:
+            raise CheckFailed(f"the {key} artefact breaks TensorRT's Q/DQ constraints: {violations[0]}")
     described = scheme.describe(int8_cfg.per_channel)
     versus = compare_logits(reference, run_batched(ort_session(path, emulated=scheme.emulated), images, 32))
     return {
@@ -211,7 +218,7 @@ def _reference_set(staging: Path, model: torch.nn.Module, teacher: torch.nn.Modu
     """The first N validation images (uint8), labels, teacher and float-student logits, saved into the bundle.
     `datasets.info` holds the student's normalisation, which both models take."""
     info = datasets.info
-    count = layout.reference_count(recipe.export.reference_images, len(datasets.val), info.image_size,
+    count = bundle.reference_count(recipe.export.reference_images, len(datasets.val), info.image_size,
                                    info.num_classes)
     images, labels = first_images(datasets.val, recipe.data, count)
     inputs = preprocess(torch.from_numpy(images), info)
@@ -219,7 +226,7 @@ def _reference_set(staging: Path, model: torch.nn.Module, teacher: torch.nn.Modu
               "teacher_logits": torch_logits(teacher, inputs).astype(np.float32),
               "student_logits": torch_logits(model, inputs).astype(np.float32)}
     say(f"reference set: {len(labels)} validation images with labels, teacher and float-student logits")
-    return layout.write_reference(staging, arrays, "val", f"the first {len(labels)} validation images in loader order")
+    return bundle.write_reference(staging, arrays, "val", f"the first {len(labels)} validation images in loader order")
 
 
 # ------------------------------------------------------------------ TensorRT
@@ -261,8 +268,7 @@ def rebuild_engines(bundle_dir: Path, *, overrides: Sequence[str] = (), progress
             check_file(bundle_dir, manifest.artefacts[key], f"artefact {key!r}")
         with staging_dir(bundle_dir, overwrite=True) as staging:
             (staging / STAGING_MARKER).touch()
-            shutil.copytree(bundle_dir, staging, dirs_exist_ok=True, symlinks=True,
-                            ignore=shutil.ignore_patterns("*.engine", TIMING_CACHE_FILE, MANIFEST_FILE, RECIPE_FILE))
+            copy_for_rebuild(bundle_dir, staging)
             (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
             kept = {key: manifest.artefacts[key].model_dump(mode="json") for key in onnx_keys}
             engines = _engines(staging, kept, recipe, manifest.preprocessing.image_size, say)
@@ -275,9 +281,18 @@ def rebuild_engines(bundle_dir: Path, *, overrides: Sequence[str] = (), progress
     return bundle_dir
 
 
+def copy_for_rebuild(bundle_dir: Path, staging: Path) -> None:
+    """Everything of the bundle but its engines, manifest and recipe into `staging`: the ONNX sources, the
+    reference set, and the timing cache, which the engine builds then reuse (TensorRT starts a fresh one when
+    it was made on another GPU or TensorRT version: kdtool.export.tensorrt)."""
+    bundle.bundle_file(bundle_dir, TIMING_CACHE_FILE, "TensorRT timing cache")  # never through a symlink
+    shutil.copytree(bundle_dir, staging, dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns("*.engine", MANIFEST_FILE, RECIPE_FILE))
+
+
 def _bundle_recipe(bundle_dir: Path, manifest: Manifest, overrides: Sequence[str]) -> Recipe:
     """The bundle's recipe.yaml, checked against the manifest's recipe_sha256, with `overrides` applied."""
-    path = layout.bundle_file(bundle_dir, RECIPE_FILE, "bundle recipe")
+    path = bundle.bundle_file(bundle_dir, RECIPE_FILE, "bundle recipe")
     if not path.is_file():
         raise KdtoolError(f"the bundle's recipe {path} is missing")
     if load_recipe(path).digest() != manifest.provenance.recipe_sha256:
@@ -291,7 +306,7 @@ def _with_files(bundle_dir: Path, artefacts: dict) -> dict:
     complete = {}
     for key, entry in artefacts.items():
         spec = ARTEFACTS[key]
-        complete[key] = {**file_entry(bundle_dir, spec.file), "precision": spec.precision, "kind": spec.kind,
+        complete[key] = {**file_entry(bundle_dir, spec.file), "precision": spec.precision, "kind": spec.format,
                          "target": spec.target, **{k: v for k, v in entry.items() if k not in ("file", "sha256", "size_bytes")}}
     return complete
 
@@ -316,7 +331,7 @@ def _manifest(recipe: Recipe, info: DataInfo, normalization: str, run_dir: Path,
               calibration: dict | None, reference: dict, artefacts: dict, trt: bool) -> Manifest:
     size = info.image_size
     return _validated({
-        "format": {"name": layout.FORMAT_NAME, "version": layout.FORMAT_VERSION},
+        "format": {"name": bundle.FORMAT_NAME, "version": bundle.FORMAT_VERSION},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"name": recipe.student.name, "num_classes": info.num_classes, "teacher": recipe.teacher.name},
         "preprocessing": {
