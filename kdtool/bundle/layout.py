@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from kdtool.errors import KdtoolError
-from kdtool.io import check_replaceable
+from kdtool.io import check_replaceable, newest_owned
 
 FORMAT_NAME = "kdtool-bundle"
 MANIFEST_FILE = "manifest.json"
@@ -120,13 +120,10 @@ def clean_leftovers(bundle_dir: Path) -> list[Path]:
 
 def find_latest_bundle(root: Path = Path("export")) -> Path:
     """The most recently written bundle under `root` (hidden leftovers and symlinks are never picked)."""
-    root = Path(root)
-    candidates = [] if not root.is_dir() else [
-        path for path in root.iterdir() if not path.name.startswith(".") and is_bundle(path)
-    ]
-    if not candidates:
+    latest = newest_owned(Path(root), is_bundle, dated_by=lambda path: path / MANIFEST_FILE)
+    if latest is None:
         raise KdtoolError(f"no bundle (a directory with a kdtool {MANIFEST_FILE}) under {root}/; run `kdtool export` first")
-    return max(candidates, key=lambda path: (path / MANIFEST_FILE).stat().st_mtime)
+    return latest
 
 
 def made_from(bundle_dir: Path, run_dir: Path) -> bool:

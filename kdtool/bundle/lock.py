@@ -4,11 +4,10 @@ the kernel releases the lock when its holder dies, so a killed export's lock nev
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 from pathlib import Path
 
 from kdtool.errors import KdtoolError
+from kdtool.io import exclusive_lock
 
 
 def lock_file(bundle_dir: Path) -> Path:
@@ -23,14 +22,7 @@ def bundle_lock(bundle_dir: Path):
     path = lock_file(bundle_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     except OSError as exc:
-        raise KdtoolError(f"cannot create the bundle lock {path}: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KdtoolError(f"bundle {bundle_dir} is in use by another kdtool process (export or bench)") from None
+        raise KdtoolError(f"cannot create the directory of the bundle lock {path}: {exc.strerror}") from None
+    with exclusive_lock(path, f"bundle {bundle_dir}"):
         yield
-    finally:
-        os.close(fd)

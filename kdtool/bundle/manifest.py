@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from kdtool.bundle.artefacts import ARTEFACTS, ENGINE_SOURCES, FILE_SUFFIXES, FORMATS, PRECISIONS, TARGETS
 from kdtool.bundle.layout import FORMAT_NAME, MANIFEST_FILE, MAX_MANIFEST_BYTES, bundle_file, check_inside_bundle
-from kdtool.errors import KdtoolError
+from kdtool.errors import KdtoolError, validation_message
 from kdtool.io import atomic_path, sha256_file
 
 FORMAT_VERSION = 3  # 2 -> 3: targets name devices (any, cpu, gpu, tensorrt) instead of ONNX Runtime builds
@@ -285,12 +285,6 @@ class Manifest(_Model):
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 
 
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    return f"{where}: {error['msg']}"
-
-
 def _other_format_version(raw: bytes) -> str | None:
     """'format version N, written by kdtool V' when `raw` is a kdtool manifest of another version, else None."""
     try:
@@ -325,7 +319,7 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate_json(raw)
     except ValidationError as exc:
-        raise KdtoolError(f"bundle manifest {path} does not fit the kdtool bundle format: {_first_error(exc)}") from None
+        raise KdtoolError(f"bundle manifest {path} does not fit the kdtool bundle format: {validation_message(exc)}") from None
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
