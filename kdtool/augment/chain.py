@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdtool.augment.extent import apply_op
 from kdtool.augment.ops import (
-    _CPU_BLOCK_BYTES, _OPS, _factor, _gather_rows, _host_rows, _is_identity, _scatter_rows, _variants,
+    _CPU_BLOCK_BYTES, _OPS, _gather_rows, _host_rows, _is_identity, _scatter_rows, _variants,
 )
 from kdtool.errors import KdtoolError, Registry
 
@@ -164,36 +165,46 @@ class JointAugment:
         if tuple(params.fire.shape) != shape or tuple(params.variant.shape) != shape:
             raise KdtoolError(f"JDA params have shape {tuple(params.fire.shape)}, expected {shape}")
 
-    def _groups(self, fire: np.ndarray, variant: np.ndarray, h: int, w: int) -> list[tuple]:
-        """(op function, magnitude, variant argument, host mask of the rows it runs on), in
-        chain order, leaving out what changes nothing."""
+    def _groups(self, fire: np.ndarray, variant: np.ndarray, h: int | None, w: int | None) -> list[tuple]:
+        """(op name, magnitude, variant argument, host mask of the rows it runs on), in chain order,
+        leaving out what changes nothing (on images of size (h, w); of any size when None)."""
         groups = []
         for k, op in enumerate(self.policy.ops):
             for v, argument in enumerate(_variants(op.name)):
                 if not _is_identity(op.name, op.magnitude, argument, h, w):
-                    groups.append((_OPS[op.name], op.magnitude, argument, fire[:, k] & (variant[:, k] == v)))
+                    groups.append((op.name, op.magnitude, argument, fire[:, k] & (variant[:, k] == v)))
         return groups
 
-    def _run_chain(self, work: torch.Tensor, fire: np.ndarray, variant: np.ndarray) -> torch.Tensor:
+    def _run_chain(self, work: torch.Tensor, fire: np.ndarray, variant: np.ndarray,
+                   hw: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
         """The chain on uint8 rows `work` (contiguous, owned: it may be overwritten), with the
-        host draws of those rows; returns the result (in `work` when the shape is kept)."""
-        groups = self._groups(fire, variant, *work.shape[2:])
+        host draws of those rows; with `hw`, rows are a canvas of images of those sizes
+        (kdtool.augment.extent). Returns the result (in `work` when the shape is kept) and the
+        images' sizes after the chain."""
+        groups = self._groups(fire, variant, *((None, None) if hw is not None else work.shape[2:]))
         n = len(work)
+        hw = hw.copy() if hw is not None else None
         block = max(1, _CPU_BLOCK_BYTES // work[0].numel()) if work.device.type == "cpu" else n
         for start in range(0, n, block):
             end = min(start + block, n)
-            part = work[start:end]
-            for fn, magnitude, argument, chosen in groups:
+            part, part_hw = work[start:end], (hw[start:end] if hw is not None else None)
+            for name, magnitude, argument, chosen in groups:
                 rows = chosen[start:end]
                 if rows.all():
-                    part = fn(part, magnitude, argument)
+                    part, part_hw = apply_op(name, part, magnitude, argument, part_hw)
                 elif rows.any():
                     at = _host_rows(rows, work.device)
-                    _scatter_rows(part, at, fn(_gather_rows(part, at), magnitude, argument))
+                    sub, sub_hw = apply_op(name, _gather_rows(part, at), magnitude, argument,
+                                           part_hw[rows] if part_hw is not None else None)
+                    _scatter_rows(part, at, sub)
+                    if part_hw is not None:
+                        part_hw[rows] = sub_hw
+            if hw is not None:
+                hw[start:end] = part_hw
             if end - start == n:
-                return part
+                return part, hw
             work[start:end] = part
-        return work
+        return work, hw
 
     def apply_u8(self, images: torch.Tensor, params: JDAParams) -> torch.Tensor:
         """Augment uint8 images (N, C, H, W) with the draws in `params` (N rows): a new tensor."""
@@ -201,13 +212,35 @@ class JointAugment:
         # One device->host copy of the draws per batch; row indices go back asynchronously.
         fire, variant = params.fire.cpu().numpy(), params.variant.cpu().numpy()
         touched = fire.any(1)
+        return self._touched_rows(images.contiguous().clone(), None, fire, variant)[0]
+
+    def apply_canvas(self, canvas: torch.Tensor, hw: np.ndarray, params: JDAParams) -> tuple[torch.Tensor, np.ndarray]:
+        """Augment a canvas of images of differing sizes: uint8 (N, C, H, W) whose row i holds an
+        image of size hw[i] (int64 (N, 2)) in its top-left corner, each op on each image's own
+        pixels (kdtool.augment.extent). A canvas for a policy with quarter turns must be square.
+        Returns a new canvas and the images' sizes after the chain."""
+        self._check(canvas, params, canvas.dtype == torch.uint8, "uint8")
+        if any(op.name == "rot90" for op in self.policy.ops) and canvas.shape[2] != canvas.shape[3]:
+            raise KdtoolError(f"JDA {self.policy.name!r} turns images by 90 degrees: its canvas must be square, "
+                              f"got {tuple(canvas.shape[2:])}")
+        fire, variant = params.fire.cpu().numpy(), params.variant.cpu().numpy()
+        return self._touched_rows(canvas.contiguous().clone(), np.asarray(hw, dtype=np.int64), fire, variant)
+
+    def _touched_rows(self, out: torch.Tensor, hw: np.ndarray | None, fire: np.ndarray,
+                      variant: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The chain on the rows of `out` (owned) on which an op fires; the others stay as they are."""
+        touched = fire.any(1)
         if touched.all():
-            return self._run_chain(images.contiguous().clone(), fire, variant)
-        out = images.contiguous().clone()
+            return self._run_chain(out, fire, variant, hw)
         if touched.any():
-            at = _host_rows(touched, images.device)
-            _scatter_rows(out, at, self._run_chain(_gather_rows(out, at), fire[touched], variant[touched]))
-        return out
+            at = _host_rows(touched, out.device)
+            done, done_hw = self._run_chain(_gather_rows(out, at), fire[touched], variant[touched],
+                                            hw[touched] if hw is not None else None)
+            _scatter_rows(out, at, done)
+            if hw is not None:
+                hw = hw.copy()
+                hw[touched] = done_hw
+        return out, hw
 
     def apply(self, images: torch.Tensor, params: JDAParams) -> torch.Tensor:
         """Augment float images in [0, 1] (N, C, H, W): rows on which an op fires are rounded to

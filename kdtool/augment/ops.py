@@ -77,7 +77,11 @@ def _channel_index(x: torch.Tensor) -> torch.Tensor:
 
 def _autocontrast(x, m, sign):
     n, c = x.shape[:2]
-    lo, hi = x.view(n * c, -1).aminmax(dim=1)
+    return _autocontrast_with(x, *x.view(n * c, -1).aminmax(dim=1))
+
+
+def _autocontrast_with(x, lo, hi):
+    """ImageOps.autocontrast of x given each (row, channel)'s lowest and highest value (n * C,)."""
     lo, span = lo.double(), (hi.double() - lo.double())
     # A true division (255.0 / tensor would multiply by a reciprocal and round differently).
     scale = torch.full_like(span, 255.0) / span.clamp(min=1)
@@ -92,14 +96,18 @@ def _equalize(x, m, sign):
     n, c = x.shape[:2]
     index = _channel_index(x)
     hist = torch.bincount(index.view(-1), minlength=n * c * 256).view(n * c, 256)
+    return _lookup(_equalize_lut(hist).view(-1), index).view_as(x)
+
+
+def _equalize_lut(hist: torch.Tensor) -> torch.Tensor:
+    """ImageOps.equalize's uint8 LUTs (rows, 256) from each (row, channel)'s histogram (rows, 256)."""
     nonzero = hist > 0
     last = 255 - nonzero.flip(1).int().argmax(1, keepdim=True)
     step = (hist.sum(1, keepdim=True) - hist.gather(1, last)) // 255
     below = hist.cumsum(1) - hist
     lut = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
     identity = (nonzero.sum(1, keepdim=True) <= 1) | (step == 0)
-    lut = torch.where(identity, torch.arange(256, device=x.device), lut).to(torch.uint8)
-    return _lookup(lut.view(-1), index).view_as(x)
+    return torch.where(identity, torch.arange(256, device=hist.device), lut).to(torch.uint8)
 
 
 def _posterize(x, bits, sign):
@@ -125,11 +133,16 @@ def _invert(x, m, sign):
 
 
 def _contrast(x, m, sign):
-    n = x.shape[0]
     wide = x.to(torch.int32)
     luma = _luma(wide)
     # ImageStat's mean: the exact integer sum over the count, in float64; int(mean + 0.5).
     mean = (luma.sum((1, 2, 3), dtype=torch.float64) / luma[0].numel() + 0.5).floor()
+    return _contrast_with(x, wide, mean, m, sign)
+
+
+def _contrast_with(x, wide, mean, m, sign):
+    """The blend of x (and its int32 copy `wide`) with each row's grey mean (n,), float64, integral."""
+    n = x.shape[0]
     index = wide.view(n, -1).add_(mean.to(torch.int32).mul_(256).view(n, 1))
     return _lookup(_blend_table(_factor(m, sign), x.device), index).view_as(x)
 
@@ -151,6 +164,12 @@ def _sharpness(x, m, sign):
     h, w = x.shape[2:]
     if h < 3 or w < 3:
         return x
+    x[:, :, 1:-1, 1:-1] = _sharpened_interior(x, m, sign)
+    return x
+
+
+def _sharpened_interior(x, m, sign):
+    """ImageEnhance.Sharpness of the pixels x[:, :, 1:-1, 1:-1] (their 3x3 neighbourhoods are inside x)."""
     # ImageFilter.SMOOTH (3x3 ones, centre 5, / 13), rounded: a box sum plus 4x the centre
     # (integers <= 3315, exact in int32). Pillow leaves the one-pixel border as it is, and
     # blending a pixel with itself is the identity, so only the interior changes.
@@ -161,8 +180,7 @@ def _sharpness(x, m, sign):
     total += across[:, :, 2:]
     interior = wide[:, :, 1:-1, 1:-1]
     index = total.add_(interior, alpha=4).mul_(256).add_(interior)  # s * 256 + v
-    x[:, :, 1:-1, 1:-1] = _lookup(_sharpen_table(_factor(m, sign), x.device), index)
-    return x
+    return _lookup(_sharpen_table(_factor(m, sign), x.device), index)
 
 
 def _translate(axis: int):
@@ -217,21 +235,29 @@ def _remap(x: torch.Tensor, pixel_map: _PixelMap) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _rotate_map(degrees: float, h: int, w: int, device: torch.device) -> _PixelMap:
     """The matrix Image.rotate builds, in the 16.16 fixed point of Pillow's affine_fixed."""
+    ix0, iy0, fb, fa, fe, fd = (int(v) for v in rotate_fixed(degrees, h, w))
+    xs = torch.arange(w, device=device, dtype=torch.int64).view(1, w)
+    ys = torch.arange(h, device=device, dtype=torch.int64).view(h, 1)
+    ix = (ix0 + ys * fb + xs * fa) >> 16
+    iy = (iy0 + ys * fe + xs * fd) >> 16
+    return _nearest_map(iy, ix, h, w)
+
+
+def rotate_fixed(degrees: float, h, w) -> tuple[np.ndarray, ...]:
+    """Image.rotate's matrix about the centre of an h x w image (ints or int arrays), in the 16.16
+    fixed point of Pillow's affine_fixed: the source column and row at output pixel (0, 0), then
+    the column step per output row and column and the row step per output column and row."""
     angle = -math.radians(degrees)
     a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
     d, e = -b, a
-    cx, cy = w / 2, h / 2
+    cx, cy = np.asarray(w) / 2, np.asarray(h) / 2  # float64, as Python's floats
     c = a * -cx + b * -cy + cx
     f = d * -cx + e * -cy + cy
 
-    def fix(v: float) -> int:
-        return math.floor(v * 65536.0 + 0.5)
+    def fix(v) -> np.ndarray:
+        return np.floor(np.asarray(v, dtype=np.float64) * 65536.0 + 0.5).astype(np.int64)
 
-    xs = torch.arange(w, device=device, dtype=torch.int64).view(1, w)
-    ys = torch.arange(h, device=device, dtype=torch.int64).view(h, 1)
-    ix = (fix(c + a * 0.5 + b * 0.5) + ys * fix(b) + xs * fix(a)) >> 16
-    iy = (fix(f + d * 0.5 + e * 0.5) + ys * fix(e) + xs * fix(d)) >> 16
-    return _nearest_map(iy, ix, h, w)
+    return fix(c + a * 0.5 + b * 0.5), fix(f + d * 0.5 + e * 0.5), fix(b), fix(a), fix(e), fix(d)
 
 
 def _rotate(x, degrees, sign):
@@ -411,13 +437,15 @@ def _variants(name: str) -> tuple[float, ...]:
     return (1.0,)
 
 
-def _is_identity(name: str, m: float, sign: float, h: int, w: int) -> bool:
-    """Whether the op leaves every image of size (h, w) exactly as it is (Pillow too)."""
+def _is_identity(name: str, m: float, sign: float, h: int | None, w: int | None) -> bool:
+    """Whether the op leaves every image of size (h, w) (of any size: None) exactly as it is (Pillow too)."""
     if name in ("contrast", "brightness", "sharpness", "color"):
         return _factor(m, sign) == 1.0  # blend(d, v, 1.0) = d + 1.0 * (v - d) = v
     if name in ("shearX", "shearY"):
         return m == 0
     if name in ("translateX", "translateY"):
+        if h is None or w is None:  # images of any size: only m = 0 moves none
+            return m == 0
         return math.floor(0.5 + m * (w if name == "translateX" else h) * sign) == 0
     if name == "posterize":
         return int(m) >= 8
