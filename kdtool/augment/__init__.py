@@ -11,7 +11,12 @@ function of (seed, epoch, index, view), so a run stopped mid-epoch resumes to th
 Where a dataset's images share one size (digits, CIFAR-100) the loader hands over the uncropped
 uint8 images with one random key per sample, and :class:`TrainViews` makes the chain, the crops
 and the flips on the batch, on the accelerator's device. Where sizes differ (ImageFolder) the
-loader workers run :class:`LoaderViews` on the full decoded image and crop each view there.
+loader workers only read and decode, and hand over the images packed one after the other with
+their sizes and keys; :func:`differing_size_views` puts them on a padded canvas (each image in
+its row's top-left corner, ``extent.py`` runs every op on each image's own pixels), then draws
+RandomResizedCrop + flip per view and resamples each crop with Pillow's arithmetic
+(``resample.py``). ``augment.jda.device: loader`` (the default on a machine without CUDA) makes
+the same pixels in the workers instead, one image at a time (:class:`LoaderViews`).
 
 Each op of a chain fires independently per sample with probability ``p`` at a fixed magnitude
 (the authors' grid value); ops with a direction (contrast, brightness, sharpness, colour, shear,
@@ -39,9 +44,12 @@ and uses row ``v*B + i`` of the :class:`JDAParams` (view-major).
 from kdtool.augment.chain import (
     POLICIES, JDAParams, JointAugment, Op, Policy, build_jda, crop_flip, joint_batch, key_uniforms,
 )
-from kdtool.augment.views import LoaderViews, TrainViews, build_train_views, step_generator
+from kdtool.augment.views import (
+    VIEW_DEVICES, LoaderViews, TrainViews, build_train_views, differing_size_views, step_generator, view_device,
+)
 
 __all__ = [
     "Op", "Policy", "POLICIES", "JDAParams", "JointAugment", "LoaderViews", "TrainViews", "build_jda",
-    "build_train_views", "crop_flip", "joint_batch", "key_uniforms", "step_generator",
+    "build_train_views", "crop_flip", "joint_batch", "key_uniforms", "step_generator", "VIEW_DEVICES",
+    "differing_size_views", "view_device",
 ]

@@ -7,22 +7,123 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdtool.augment.chain import JointAugment, build_jda, crop_flip, key_uniforms
+from PIL import Image
+from torchvision.transforms import v2
+
+from kdtool.augment.chain import _SLOTS_PER_VIEW, JointAugment, build_jda, crop_flip, key_uniforms
+from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil
+from kdtool.data import MAX_IMAGE_PIXELS
 from kdtool.errors import KdtoolError
 
 # ---------------------------------------------------------------- views for training
+VIEW_DEVICES = ("auto", "loader", "accelerator")
+_CROP_FIRST_SLOT = _SLOTS_PER_VIEW - CROP_SLOTS  # a view's RandomResizedCrop draws: its last slots
+
+
+def view_device(setting: str, device_type: str) -> tuple[str, str]:
+    """Where the views of images of differing sizes are made ("loader" or "accelerator") for
+    the recipe's `augment.jda.device` on a run whose accelerator is `device_type`, and why."""
+    if setting not in VIEW_DEVICES:
+        raise KdtoolError(f"augment.jda.device: {setting!r} is not one of {', '.join(VIEW_DEVICES)}")
+    if setting != "auto":
+        return setting, f"augment.jda.device: {setting}"
+    if device_type == "cuda":
+        return "accelerator", "auto: training runs on CUDA, the loader workers only read and decode"
+    return "loader", f"auto: training runs on {device_type}, where the loader workers make them"
+
+
+def _view_uniforms(keys: np.ndarray, view: int) -> np.ndarray:
+    """All of a view's uniforms (n, slots): crop/flip in 0..2, the chain's from 3, the
+    RandomResizedCrop tries in the last CROP_SLOTS."""
+    return key_uniforms(keys, view, _SLOTS_PER_VIEW)
+
+
+def _chain_params(augment: JointAugment, u: np.ndarray):
+    n_ops = len(augment.policy.ops)
+    if 3 + 2 * n_ops > _CROP_FIRST_SLOT:
+        raise KdtoolError(f"JDA policy {augment.policy.name!r} has {n_ops} ops; views of images of differing "
+                          f"sizes take at most {(_CROP_FIRST_SLOT - 3) // 2}")
+    return augment.params(u[:, 3:3 + n_ops], u[:, 3 + n_ops:3 + 2 * n_ops])
+
+
 @dataclass(frozen=True)
 class LoaderViews:
-    """The chain run in the loader workers for datasets whose images differ in size: `views`
-    chained copies of one full uint8 image (3, H, W), each then cropped by the dataset. Draws come
-    from torch's default generator, which SeededSamples seeds per (seed, epoch, index)."""
+    """The per-image path for datasets whose images differ in size, run in the loader workers:
+    the original and `views` chained copies of one decoded image, each then RandomResizedCrop +
+    flip to (size, size) with Pillow (kdtool.augment.resample), all drawn from the sample's key.
+    Returns uint8 (1 + views, C, size, size); the accelerator path makes the same pixels."""
 
-    augment: JointAugment
+    augment: Optional[JointAugment]
     views: int
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        params = self.augment.sample(self.views)
-        return [self.augment.apply_u8(image[None], params.rows(slice(v, v + 1)))[0] for v in range(self.views)]
+    def __call__(self, image: Image.Image, key: int, size: int) -> torch.Tensor:
+        keys = np.array([key], dtype=np.int64)
+        full = v2.functional.pil_to_tensor(image) if self.views else None
+        made = []
+        for view in range(1 + self.views):
+            u = _view_uniforms(keys, view)
+            picture = image
+            if view:
+                chained = self.augment.apply_u8(full[None], _chain_params(self.augment, u))[0]
+                picture = Image.fromarray(chained.permute(1, 2, 0).numpy().squeeze(2) if chained.shape[0] == 1
+                                          else chained.permute(1, 2, 0).numpy())
+            box = crop_boxes(u[:, _CROP_FIRST_SLOT:], [picture.height], [picture.width])[0]
+            made.append(crop_resize_pil(picture, box, size, bool(u[0, 2] < 0.5)))
+        return torch.stack(made)
+
+
+def _chunks(hw: np.ndarray, square: bool) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose canvas (rows x tallest x widest) holds at most
+    MAX_IMAGE_PIXELS pixels (a single image always fits: the loader refuses larger ones)."""
+    ranges, start, tall, wide = [], 0, 0, 0
+    for i, (h, w) in enumerate(hw):
+        tall, wide = max(tall, h), max(wide, w)
+        if square:
+            tall = wide = max(tall, wide)
+        if i > start and (i + 1 - start) * tall * wide > MAX_IMAGE_PIXELS:
+            ranges.append((start, i))
+            start, tall, wide = i, (max(h, w) if square else h), (max(h, w) if square else w)
+    ranges.append((start, len(hw)))
+    return ranges
+
+
+def _canvas(pixels: torch.Tensor, hw: np.ndarray, square: bool) -> torch.Tensor:
+    """Packed HWC images (their pixels one after the other) -> a uint8 canvas (n, C, H, W) with
+    each image in the top-left corner of its row (padding 0)."""
+    tall, wide = int(hw[:, 0].max()), int(hw[:, 1].max())
+    if square:
+        tall = wide = max(tall, wide)
+    n, c = len(hw), 3
+    rows = torch.arange(tall, device=pixels.device).view(1, tall, 1)
+    cols = torch.arange(wide * c, device=pixels.device).view(1, 1, wide * c)
+    sizes = torch.from_numpy(hw).to(pixels.device)
+    own = (rows < sizes[:, 0].view(n, 1, 1)) & (cols < sizes[:, 1].view(n, 1, 1) * c)
+    canvas = torch.zeros(n, tall, wide * c, dtype=torch.uint8, device=pixels.device)
+    canvas.masked_scatter_(own, pixels)  # row-major order: the packed order of the images
+    return canvas.view(n, tall, wide, c).permute(0, 3, 1, 2).contiguous()
+
+
+def differing_size_views(pixels: torch.Tensor, hw: np.ndarray, keys: np.ndarray, augment: Optional[JointAugment],
+                         views: int, size: int) -> torch.Tensor:
+    """The accelerator path: uint8 (B * (1 + views), C, size, size), laid out [originals; view 1; ...],
+    from B decoded images of sizes hw (int64 (B, 2)) packed HWC one after the other in `pixels`
+    (on the accelerator's device), with the same draws and pixels as :class:`LoaderViews`. The
+    images go through the chain and the crops on canvases of at most MAX_IMAGE_PIXELS pixels."""
+    b = len(hw)
+    square = augment is not None and any(op.name == "rot90" for op in augment.policy.ops)
+    uniforms = [_view_uniforms(keys, view) for view in range(1 + views)]
+    params = [_chain_params(augment, u) for u in uniforms[1:]] if views else []
+    out = torch.empty(b * (1 + views), 3, size, size, dtype=torch.uint8, device=pixels.device)
+    offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)])
+    for start, end in _chunks(hw, square):
+        canvas = _canvas(pixels[int(offsets[start]):int(offsets[end])], hw[start:end], square)
+        for view, u in enumerate(uniforms):
+            made, made_hw = canvas, hw[start:end]
+            if view:
+                made, made_hw = augment.apply_canvas(canvas, made_hw, params[view - 1].rows(slice(start, end)))
+            boxes = crop_boxes(u[start:end, _CROP_FIRST_SLOT:], made_hw[:, 0], made_hw[:, 1])
+            out[view * b + start:view * b + end] = crop_resize(made, boxes, size, u[start:end, 2] < 0.5)
+    return out
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -42,6 +143,9 @@ class TrainViews:
 
     - ``{"image", "key", "padding", "flip"}``: uncropped uint8 images of one size, one random key
       per sample, the dataset's crop padding and whether it flips: chain, crops and flips here;
+    - ``{"pixels", "extent", "key", "size"}``: decoded images of differing sizes packed HWC one
+      after the other, their (height, width), one random key per sample and the training size:
+      chain, RandomResizedCrop and flips here (:func:`differing_size_views`);
     - ``{"views"}``: uint8 (B, 1 + V, C, H, W) made in the loader (:class:`LoaderViews`);
     - a uint8 tensor (B, C, H, W): images used as they are, the chain on copies, draws seeded per
       (seed, step) over the global batch (a dataset of another kind).
@@ -50,16 +154,24 @@ class TrainViews:
     augment: Optional[JointAugment]
     views: int
     seed: int
+    where: str = "auto"  # augment.jda.device: where views of images of differing sizes are made
 
-    @property
-    def in_loader(self) -> Optional[LoaderViews]:
-        """What a dataset of images of differing sizes runs in its loader workers (None: no views)."""
-        return LoaderViews(self.augment, self.views) if self.augment is not None and self.views else None
+    def loader_views(self, device: torch.device) -> Optional[LoaderViews]:
+        """What a dataset of images of differing sizes runs in its loader workers when training
+        on `device`: the per-image path, or None when the views are made on the accelerator."""
+        if view_device(self.where, torch.device(device).type)[0] == "accelerator":
+            return None
+        return LoaderViews(self.augment, self.views if self.augment is not None else 0)
 
     def __call__(self, images, step: int, accelerator) -> torch.Tensor:
         device = accelerator.device
         if isinstance(images, dict) and "views" in images:
             return self._from_loader(images["views"].to(device, non_blocking=True))
+        if isinstance(images, dict) and "pixels" in images:
+            made = differing_size_views(images["pixels"].to(device, non_blocking=True), images["extent"].numpy(),
+                                        images["key"].numpy(), self.augment, self.views,
+                                        _one_value(images["size"], "size"))
+            return made.float().div_(255)
         if isinstance(images, dict):
             batch, keys = images["image"].to(device, non_blocking=True), images["key"].cpu().numpy()
             padding, flips = _one_value(images["padding"], "padding"), bool(_one_value(images["flip"], "flip"))
@@ -106,4 +218,4 @@ def _one_value(values: torch.Tensor, name: str) -> int:
 def build_train_views(cfg, seed: int) -> TrainViews:
     """The TrainViews for a recipe's JDAConfig (`views` 0 when JDA is off)."""
     augment = build_jda(cfg)
-    return TrainViews(augment, cfg.views if augment is not None else 0, seed)
+    return TrainViews(augment, cfg.views if augment is not None else 0, seed, cfg.device)
