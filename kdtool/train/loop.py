@@ -23,6 +23,7 @@ from kdtool.data import Datasets, SeededSamples, build_loader, unreadable_flags
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import classification_metrics, predict
 from kdtool.losses import LossFn
+from kdtool.progress import progress
 from kdtool.recipe import DataConfig, RuntimeConfig, TrainConfig
 from kdtool.rundir import BEST, LAST, METRICS_FILE, has_checkpoint, read_state
 from kdtool.train.setup import build_optimizer, build_scheduler, epoch_seed
@@ -95,9 +96,9 @@ def train_one_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: Tra
         loaders.unreadable_train.zero_()
         loaders.unreadable_train[resumed.get("unreadable_images", [])] = True
     trainer.model.train()
-    bar = tqdm(skip_first_batches(loaders.train, skip) if skip else loaders.train, initial=skip,
-               total=plan.batches_per_epoch, desc=f"{plan.label} {state.epoch + 1}/{plan.epochs}", leave=False,
-               dynamic_ncols=True, disable=not (plan.progress and accelerator.is_local_main_process))
+    bar = progress(skip_first_batches(loaders.train, skip) if skip else loaders.train, initial=skip,
+                   total=plan.batches_per_epoch, desc=f"{plan.label} {state.epoch + 1}/{plan.epochs}",
+                   enabled=plan.progress and accelerator.is_local_main_process)
     rng = resumed.get("rng")
     for i, (images, targets) in enumerate(bar, start=skip):
         if rng is not None:  # the first batch after a mid-epoch checkpoint: dropout draws continue from it
