@@ -9,7 +9,7 @@ dataset's random transform drawn anew for the original and for each view; kdtool
 - images of one size (digits, CIFAR-100): ``{"image": uncropped uint8 (3, H, W), "key": int,
   "padding": int, "flip": bool}``: the crops, flips and the chain are made on the batch;
 - images of differing sizes (ImageFolder), views made on the accelerator: ``{"pixels": decoded
-  uint8 (h, w, 3), "key": int, "size": S}``, which :func:`collate_samples` packs one after the
+  uint8 numpy (h, w, 3), "key": int, "size": S}``, which :func:`collate_samples` packs one after the
   other with each image's (h, w) as ``"extent"``: the workers only read and decode;
 - the same, views made in the loader (``augment.jda.device: loader``, the default without CUDA):
   ``{"views": uint8 (1 + V, 3, S, S)}``, made by the `in_loader` callable on the decoded image.
@@ -377,14 +377,14 @@ class CheckedImageFolder(Dataset):
         return self.transform(image), label
 
     def joint_sample(self, index: int, in_loader: Optional[Callable] = None):
-        """The decoded image and its key for views made on the accelerator: ({"pixels": uint8
+        """The decoded image and its key for views made on the accelerator: ({"pixels": uint8 numpy
         (h, w, 3), "key", "size"}, label); with `in_loader` (image, key, size) -> views, the views
         made here: ({"views": uint8 (1 + V, 3, S, S)}, label)."""
         image, label = self._load(index)
         key = _sample_key()
         if in_loader is not None:
             return {"views": in_loader(image, key, self.size)}, label
-        return {"pixels": torch.from_numpy(np.array(image)), "key": key, "size": self.size}, label
+        return {"pixels": np.asarray(image), "key": key, "size": self.size}, label  # read-only: collate copies it once
 
 
 def _empty_class_folders(root: Path) -> list[Path]:
@@ -490,8 +490,8 @@ def collate_samples(samples: list):
     first = samples[0][0]
     if not (isinstance(first, dict) and "pixels" in first):
         return default_collate(samples)
-    images = [sample["pixels"] for sample, _ in samples]
-    batch = {"pixels": torch.cat([image.reshape(-1) for image in images]),
+    images = [np.asarray(sample["pixels"]) for sample, _ in samples]
+    batch = {"pixels": torch.from_numpy(np.concatenate([image.reshape(-1) for image in images])),
              "extent": torch.tensor([image.shape[:2] for image in images], dtype=torch.int64),
              "key": torch.tensor([sample["key"] for sample, _ in samples], dtype=torch.int64),
              "size": torch.tensor([sample["size"] for sample, _ in samples], dtype=torch.int64)}

@@ -28,29 +28,28 @@ _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _PRECISION_BITS = 22  # Pillow's 32 - 8 - 2
 
 
-def crop_boxes(u: np.ndarray, height: np.ndarray, width: np.ndarray) -> np.ndarray:
+def crop_boxes(u: np.ndarray, height, width) -> np.ndarray:
     """RandomResizedCrop's (top, left, crop height, crop width) per row, int64 (n, 4), from
-    CROP_SLOTS uniforms per row (n, CROP_SLOTS) and each image's height and width (n,)."""
-    height, width = np.asarray(height, dtype=np.int64), np.asarray(width, dtype=np.int64)
-    area = (height * width).astype(np.float64)
-    box = np.zeros((len(height), 4), dtype=np.int64)
-    found = np.zeros(len(height), dtype=bool)
-    for t in range(CROP_TRIES):
-        target = area * (_SCALE[0] + u[:, 4 * t] * (_SCALE[1] - _SCALE[0]))
-        aspect = np.exp(_LOG_RATIO[0] + u[:, 4 * t + 1] * (_LOG_RATIO[1] - _LOG_RATIO[0]))
-        w = np.round(np.sqrt(target * aspect)).astype(np.int64)
-        h = np.round(np.sqrt(target / aspect)).astype(np.int64)
-        fits = ~found & (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        top = np.floor(u[:, 4 * t + 2] * (height - h + 1)).astype(np.int64)
-        left = np.floor(u[:, 4 * t + 3] * (width - w + 1)).astype(np.int64)
-        box[fits] = np.stack([top, left, h, w], axis=1)[fits]
-        found |= fits
+    CROP_SLOTS uniforms per row (n, CROP_SLOTS) and each image's height and width (n,): the first
+    of the ten tries that fits, else torchvision's central fallback."""
+    height = np.asarray(height, dtype=np.int64)[:, None]
+    width = np.asarray(width, dtype=np.int64)[:, None]
+    tries = u.reshape(len(u), CROP_TRIES, 4)
+    target = (height * width) * (_SCALE[0] + tries[:, :, 0] * (_SCALE[1] - _SCALE[0]))
+    aspect = np.exp(_LOG_RATIO[0] + tries[:, :, 1] * (_LOG_RATIO[1] - _LOG_RATIO[0]))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = np.floor(tries[:, :, 2] * (height - h + 1)).astype(np.int64)
+    left = np.floor(tries[:, :, 3] * (width - w + 1)).astype(np.int64)
+    first = fits.argmax(1)[:, None]
+    box = np.concatenate([np.take_along_axis(v, first, 1) for v in (top, left, h, w)], axis=1)
     # torchvision's fallback: the central crop of the allowed ratio closest to the image's.
     ratio = width / height
     w = np.where(ratio > 4 / 3, np.round(height * (4 / 3)), width).astype(np.int64)
     h = np.where(ratio < 3 / 4, np.round(width / (3 / 4)), height).astype(np.int64)
-    fallback = np.stack([(height - h) // 2, (width - w) // 2, h, w], axis=1)
-    return np.where(found[:, None], box, fallback)
+    fallback = np.concatenate([(height - h) // 2, (width - w) // 2, h, w], axis=1)
+    return np.where(fits.any(1)[:, None], box, fallback)
 
 
 def crop_resize_pil(image: Image.Image, box, size: int, flip: bool) -> torch.Tensor:
@@ -60,7 +59,7 @@ def crop_resize_pil(image: Image.Image, box, size: int, flip: bool) -> torch.Ten
     out = image.crop((left, top, left + w, top + h)).resize((size, h), Image.BILINEAR).resize((size, size), Image.BILINEAR)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(out).reshape(size, size, -1).transpose(2, 0, 1).copy())
+    return torch.from_numpy(np.stack([np.asarray(plane) for plane in out.split()]))
 
 
 def _coefficients(in_size: np.ndarray, out_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from PIL import Image
-from torchvision.transforms import v2
 
 from kdtool.augment.chain import _SLOTS_PER_VIEW, JointAugment, build_jda, crop_flip, key_uniforms
 from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil
@@ -38,7 +37,8 @@ def _view_uniforms(keys: np.ndarray, view: int) -> np.ndarray:
     return key_uniforms(keys, view, _SLOTS_PER_VIEW)
 
 
-def _chain_params(augment: JointAugment, u: np.ndarray):
+def chain_params(augment: JointAugment, u: np.ndarray):
+    """The chain's draws (JDAParams) from a view's uniforms (n, slots)."""
     n_ops = len(augment.policy.ops)
     if 3 + 2 * n_ops > _CROP_FIRST_SLOT:
         raise KdtoolError(f"JDA policy {augment.policy.name!r} has {n_ops} ops; views of images of differing "
@@ -57,19 +57,22 @@ class LoaderViews:
     views: int
 
     def __call__(self, image: Image.Image, key: int, size: int) -> torch.Tensor:
-        keys = np.array([key], dtype=np.int64)
-        full = v2.functional.pil_to_tensor(image) if self.views else None
-        made = []
-        for view in range(1 + self.views):
-            u = _view_uniforms(keys, view)
-            picture = image
-            if view:
-                chained = self.augment.apply_u8(full[None], _chain_params(self.augment, u))[0]
-                picture = Image.fromarray(chained.permute(1, 2, 0).numpy().squeeze(2) if chained.shape[0] == 1
-                                          else chained.permute(1, 2, 0).numpy())
-            box = crop_boxes(u[:, _CROP_FIRST_SLOT:], [picture.height], [picture.width])[0]
-            made.append(crop_resize_pil(picture, box, size, bool(u[0, 2] < 0.5)))
-        return torch.stack(made)
+        uniforms = np.concatenate([_view_uniforms(np.array([key], dtype=np.int64), view) for view in range(1 + self.views)])
+        pictures = [image]
+        if self.views:
+            full = torch.from_numpy(np.stack([np.asarray(plane) for plane in image.split()]))  # (C, H, W)
+            pictures += [_planes_to_pil(self.augment.apply_u8(full[None], chain_params(self.augment, u[None]))[0])
+                         for u in uniforms[1:]]
+        boxes = crop_boxes(uniforms[:, _CROP_FIRST_SLOT:], [p.height for p in pictures], [p.width for p in pictures])
+        return torch.stack([crop_resize_pil(picture, box, size, bool(u[2] < 0.5))
+                            for picture, box, u in zip(pictures, boxes, uniforms)])
+
+
+def _planes_to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 (C, H, W) -> a PIL image, merged from its planes (no strided HWC copy)."""
+    c, h, w = image.shape
+    planes = [Image.frombuffer("L", (w, h), plane.contiguous().numpy(), "raw", "L", 0, 1) for plane in image]
+    return planes[0].copy() if c == 1 else Image.merge("RGB", planes)
 
 
 def _chunks(hw: np.ndarray, square: bool) -> list[tuple[int, int]]:
@@ -112,7 +115,7 @@ def differing_size_views(pixels: torch.Tensor, hw: np.ndarray, keys: np.ndarray,
     b = len(hw)
     square = augment is not None and any(op.name == "rot90" for op in augment.policy.ops)
     uniforms = [_view_uniforms(keys, view) for view in range(1 + views)]
-    params = [_chain_params(augment, u) for u in uniforms[1:]] if views else []
+    params = [chain_params(augment, u) for u in uniforms[1:]] if views else []
     out = torch.empty(b * (1 + views), 3, size, size, dtype=torch.uint8, device=pixels.device)
     offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)])
     for start, end in _chunks(hw, square):
