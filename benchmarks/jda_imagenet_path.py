@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import time
 
 import numpy as np
 import torch
@@ -123,6 +122,11 @@ def gpu_rows(jpegs: list[bytes], batch: int, repeats: int) -> list[tuple[str, fl
     step = _training_step(device)
     from_loader = lambda: step(made.to(device, non_blocking=True))  # noqa: E731
     on_gpu = lambda: step(differing_size_views(pixels, hw, keys, aug, 1, CROP))  # noqa: E731
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    chain_and_crops()
+    print(f"device side (CUDA), batch {batch}: peak memory {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB "
+          f"above the packed images ({pixels.numel() / 2**20:.0f} MiB)")
     t_views, t_loader, t_gpu = interleaved_medians([chain_and_crops, from_loader, on_gpu], repeats)
     return [(f"device side (CUDA), batch {batch}", t_views / batch),
             (f"step, views from the loader, batch {batch}", t_loader),

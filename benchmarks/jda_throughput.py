@@ -30,7 +30,6 @@ import time
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
-from torchvision.transforms import v2
 
 from kdtool.augment import JointAugment, TrainViews
 

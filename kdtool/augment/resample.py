@@ -8,8 +8,9 @@ BILINEAR)``: an antialiased triangle filter whose support grows with the reducti
 
 :func:`crop_resize` computes those integer sums for a batch of crops of different sizes at once,
 on any device; the loader path (:func:`crop_resize_pil`) has Pillow make the same two passes
-one after the other, so both paths give the same pixels. Each pass is Pillow's own (``src/libImaging/Resample.c``: precompute_coeffs,
-normalize_coeffs_8bpc, ResampleHorizontal_8bpc / ResampleVertical_8bpc); the passes run
+one after the other, so both paths give the same pixels. Each pass is Pillow's own
+(``src/libImaging/Resample.c``: precompute_coeffs, normalize_coeffs_8bpc,
+ResampleHorizontal_8bpc / ResampleVertical_8bpc); the passes run
 horizontal first, Pillow's order up to 12.x. (Pillow 13 runs the vertical pass first for some
 shapes, python-pillow/Pillow#9549; a pixel may then differ from Pillow's by one level.)
 """
@@ -56,7 +57,8 @@ def crop_resize_pil(image: Image.Image, box, size: int, flip: bool) -> torch.Ten
     """The per-image path: Pillow crops (top, left, height, width), resizes the width then the
     height to `size` (BILINEAR, one pass per call) and mirrors when `flip`: uint8 (C, size, size)."""
     top, left, h, w = (int(v) for v in box)
-    out = image.crop((left, top, left + w, top + h)).resize((size, h), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    across = image.crop((left, top, left + w, top + h)).resize((size, h), Image.BILINEAR)  # horizontal pass only
+    out = across.resize((size, size), Image.BILINEAR)  # vertical pass only
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.stack([np.asarray(plane) for plane in out.split()]))
@@ -85,7 +87,8 @@ def _coefficients(in_size: np.ndarray, out_size: int) -> tuple[np.ndarray, np.nd
     return np.trunc(0.5 + weights * (1 << _PRECISION_BITS)).astype(np.int32), xmin
 
 
-def _resample_pass(x: torch.Tensor, dim: int, weights: np.ndarray, first: np.ndarray, offset: np.ndarray) -> torch.Tensor:
+def _resample_pass(x: torch.Tensor, dim: int, weights: np.ndarray, first: np.ndarray,
+                   offset: np.ndarray) -> torch.Tensor:
     """One pass of Pillow's 8-bit resampling along `dim` (2 rows, 3 columns) of uint8 x (n, C, H, W):
     output i of row r sums x[offset[r] + first[r, i] + t] * weights[r, i, t] over the taps t."""
     n, c = x.shape[:2]

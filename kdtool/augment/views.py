@@ -57,7 +57,8 @@ class LoaderViews:
     views: int
 
     def __call__(self, image: Image.Image, key: int, size: int) -> torch.Tensor:
-        uniforms = np.concatenate([_view_uniforms(np.array([key], dtype=np.int64), view) for view in range(1 + self.views)])
+        keys = np.array([key], dtype=np.int64)
+        uniforms = np.concatenate([_view_uniforms(keys, view) for view in range(1 + self.views)])
         pictures = [image]
         if self.views:
             full = torch.from_numpy(np.stack([np.asarray(plane) for plane in image.split()]))  # (C, H, W)
@@ -189,7 +190,7 @@ class TrainViews:
         made = stacked.shape[1] - 1
         if made < self.views:
             raise KdtoolError(f"the training loader made {made} JDA view(s) per image, {self.views} asked: "
-                              f"this dataset makes its views in the loader (SeededSamples(..., in_loader=train_views.in_loader))")
+                              f"this dataset makes its views in the loader (SeededSamples(..., in_loader=train_views.loader_views(device)))")
         joint = stacked[:, :1 + self.views].transpose(0, 1).reshape(-1, *stacked.shape[2:])
         return joint.float().div_(255)
 
