@@ -245,3 +245,29 @@ def test_imagefolder_distillation_is_identical_on_either_view_path(tmp_path, cli
         lines = (tmp_path / where / "metrics.jsonl").read_text().splitlines()
         records[where] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
     assert records["loader"] == records["accelerator"] and records["loader"]
+
+
+def test_canvases_stay_under_the_pixel_budget_and_long_images_turn_alone(monkeypatch):
+    """A batch is cut into canvases of at most MAX_IMAGE_PIXELS pixels; an image too long for a
+    square canvas (quarter turns) goes alone on its own canvas; the views stay the loader's."""
+    import kdtool.augment.views as views
+    from kdtool.augment import JointAugment, TrainViews
+
+    monkeypatch.setattr(views, "MAX_IMAGE_PIXELS", 5000)
+    rng = np.random.default_rng(0)
+    sizes = np.array([(1, 3000), (40, 30), (30, 40), (3000, 1), (20, 20), (50, 60), (60, 50)])
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    pixels = torch.from_numpy(np.concatenate([image.reshape(-1) for image in images]))
+    keys = np.arange(len(sizes), dtype=np.int64) * 31 + 1
+    for policy, square in (("rotation", True), ("imagenet", False)):
+        chunks = views._chunks(sizes, square)
+        assert [i for start, end in chunks for i in range(start, end)] == list(range(len(sizes)))
+        for start, end in chunks:
+            side = sizes[start:end].max(0)
+            area = side.max() ** 2 if square else side.prod()
+            assert end - start == 1 or (end - start) * area <= 5000, (policy, start, end)
+        augment = JointAugment(policy, 1.0)
+        made = views.differing_size_views(pixels, sizes, keys, augment, 2, 8)
+        per_image = TrainViews(augment, 2, 0, "loader").loader_views("cpu")
+        expected = torch.stack([per_image(Image.fromarray(image), int(key), 8) for image, key in zip(images, keys)])
+        assert torch.equal(made, expected.transpose(0, 1).reshape(-1, 3, 8, 8)), policy

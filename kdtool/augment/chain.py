@@ -217,10 +217,12 @@ class JointAugment:
     def apply_canvas(self, canvas: torch.Tensor, hw: np.ndarray, params: JDAParams) -> tuple[torch.Tensor, np.ndarray]:
         """Augment a canvas of images of differing sizes: uint8 (N, C, H, W) whose row i holds an
         image of size hw[i] (int64 (N, 2)) in its top-left corner, each op on each image's own
-        pixels (kdtool.augment.extent). A canvas for a policy with quarter turns must be square.
+        pixels (kdtool.augment.extent). A canvas of several images for a policy with quarter turns
+        must be square (a single image's canvas may be its own shape).
         Returns a new canvas and the images' sizes after the chain."""
         self._check(canvas, params, canvas.dtype == torch.uint8, "uint8")
-        if any(op.name == "rot90" for op in self.policy.ops) and canvas.shape[2] != canvas.shape[3]:
+        if (any(op.name == "rot90" for op in self.policy.ops) and canvas.shape[2] != canvas.shape[3]
+                and len(canvas) > 1):
             raise KdtoolError(f"JDA {self.policy.name!r} turns images by 90 degrees: its canvas must be square, "
                               f"got {tuple(canvas.shape[2:])}")
         fire, variant = params.fire.cpu().numpy(), params.variant.cpu().numpy()

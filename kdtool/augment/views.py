@@ -120,7 +120,8 @@ def differing_size_views(pixels: torch.Tensor, hw: np.ndarray, keys: np.ndarray,
     out = torch.empty(b * (1 + views), 3, size, size, dtype=torch.uint8, device=pixels.device)
     offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)])
     for start, end in _chunks(hw, square):
-        canvas = _canvas(pixels[int(offsets[start]):int(offsets[end])], hw[start:end], square)
+        # One image alone needs no square canvas: quarter turns may change its shape.
+        canvas = _canvas(pixels[int(offsets[start]):int(offsets[end])], hw[start:end], square and end - start > 1)
         for view, u in enumerate(uniforms):
             made, made_hw = canvas, hw[start:end]
             if view:
@@ -172,8 +173,9 @@ class TrainViews:
         if isinstance(images, dict) and "views" in images:
             return self._from_loader(images["views"].to(device, non_blocking=True))
         if isinstance(images, dict) and "pixels" in images:
-            made = differing_size_views(images["pixels"].to(device, non_blocking=True), images["extent"].numpy(),
-                                        images["key"].numpy(), self.augment, self.views,
+            # Accelerate may have moved the whole batch to the device already: sizes and keys back to the host.
+            made = differing_size_views(images["pixels"].to(device, non_blocking=True), images["extent"].cpu().numpy(),
+                                        images["key"].cpu().numpy(), self.augment, self.views,
                                         _one_value(images["size"], "size"))
             return made.float().div_(255)
         if isinstance(images, dict):
