@@ -208,6 +208,18 @@ def test_view_device_auto_follows_the_accelerator():
         view_device("gpu", "cpu")
 
 
+def test_recipe_check_says_where_views_are_made_and_refuses_other_places(cli_runner):
+    from conftest import one_line_error
+
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    shown = cli_runner("recipe", "check", recipe, "--set", "augment.jda.device=accelerator")
+    assert shown.exit_code == 0 and "made on the accelerator, batched (augment.jda.device: accelerator)" in shown.output
+    auto = cli_runner("recipe", "check", recipe, "--set", "runtime.cpu=true")
+    assert "made in the loader workers, one image at a time (auto: training runs on cpu" in auto.output, auto.output
+    line = one_line_error(cli_runner("recipe", "check", recipe, "--set", "augment.jda.device=gpu"))
+    assert "augment.jda.device" in line and "accelerator" in line, line
+
+
 def test_imagefolder_training_batches_become_joint_batches(tmp_path):
     from kdtool.augment import JointAugment, TrainViews
     from kdtool.data import SeededSamples

@@ -109,5 +109,6 @@ def _view_device_line(resolved) -> str:
 
     device_type = "cuda" if torch.cuda.is_available() and not resolved.runtime.cpu else "cpu"
     where, why = view_device(resolved.augment.jda.device, device_type)
-    return f"made on the {where} ({why})"
+    place = "on the accelerator, batched" if where == "accelerator" else "in the loader workers, one image at a time"
+    return f"made {place} ({why})"
 
