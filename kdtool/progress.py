@@ -19,7 +19,7 @@ class Progress:
 
     def __init__(self, iterable: Iterable, *, desc: str, total: Optional[int] = None, initial: int = 0,
                  enabled: bool = True, every: Optional[int] = None, stream: Optional[TextIO] = None):
-        self.iterable, self.desc, self.total, self.count = iterable, desc, total, initial
+        self.iterable, self.desc, self.total, self.count, self._handed = iterable, desc, total, initial, initial
         self.enabled, self.stream = enabled, stream if stream is not None else sys.stderr
         self.every = every or max(1, (total or 100 * LINES_PER_LOOP) // LINES_PER_LOOP)
         self.postfix: dict[str, str] = {}
@@ -32,6 +32,7 @@ class Progress:
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
+            self._handed += 1
             yield item
             self.count += 1
             if self._bar is not None:
@@ -46,7 +47,11 @@ class Progress:
             self._bar.set_postfix(self.postfix)
 
     def close(self) -> None:
-        """End the bar, or write the last line when steps were made since the previous one."""
+        """End the bar, or write the last line when steps were made since the previous one (a loop
+        left with `break` has done the item it got last)."""
+        if self._bar is not None and self._handed > self.count:
+            self._bar.update(self._handed - self.count)
+        self.count = max(self.count, self._handed)
         if self._bar is not None:
             self._bar.close()
         elif self.enabled and self.count > self._last_line:

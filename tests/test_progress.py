@@ -42,3 +42,13 @@ def test_a_terminal_gets_a_live_bar():
     list(bar)
     bar.close()
     assert "\r" in screen.getvalue() and "sweep" in screen.getvalue()
+
+
+def test_a_loop_left_with_break_reports_its_last_step():
+    log = io.StringIO()
+    bar = progress(range(10), desc="student 1/1", total=6, every=4, stream=log)
+    for step in bar:
+        if step == 5:
+            break
+    bar.close()
+    assert log.getvalue().splitlines()[-1].startswith("student 1/1: 6/6 (100%)")
