@@ -131,8 +131,8 @@ def _shear_rows(x: torch.Tensor, shear: float, widths: torch.Tensor) -> torch.Te
     d = (pos - base).expand(n, c, height, width)
     base = base.long()
     last = widths - 1
-    v1, v2, v3, v4 = (x.gather(3, (base + k).expand(n, c, height, width).clamp(min=0).minimum(last)).double()
-                      for k in (-1, 0, 1, 2))
+    v1, v2, v3, v4 = (x.gather(3, (base + k).clamp(min=0).minimum(last).expand(n, c, height, width)).double()
+                      for k in (-1, 0, 1, 2))  # the tap's column, clamped to each image's own width
     # Pillow's BICUBIC: p1 + d * (p2 + d * (p3 + d * p4)), each product and sum rounded on its own.
     p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
     p4 = (v2 - v1).add_(v4).sub_(v3)
