@@ -39,6 +39,10 @@ rely on)::
 
 i.e. ``(B * (1 + V), C, H, W)``; augmented sample ``v*B + i`` is view ``v+1`` of original ``i``
 and uses row ``v*B + i`` of the :class:`JDAParams` (view-major).
+
+Modules: ``ops`` (the ops on images of one size), ``extent`` (the same ops on a canvas of images
+of differing sizes), ``chain`` (policies, draws, :class:`JointAugment`), ``resample``
+(RandomResizedCrop draws and Pillow's resampling, batched), ``views`` (what the trainer gets).
 """
 
 from kdtool.augment.chain import (
