@@ -7,9 +7,11 @@ transform drawn separately for the original and the view, ending in float [0, 1]
 - images of one size (cifar100 policy): kdtool's TrainViews on a batch of uncropped uint8 images
   (chain, zero-padded crops and flips on the batch) against, per image, Pillow's chain then
   torchvision's RandomCrop(size, padding) + RandomHorizontalFlip + ToTensor on PIL images;
-- images of differing sizes (imagenet policy): what kdtool's loader worker does per image
-  (LoaderViews on the decoded image, RandomResizedCrop + flip per view on uint8 tensors) plus
-  TrainViews on the stacked batch, against Pillow's chain then RandomResizedCrop + flip + ToTensor.
+- images of differing sizes (imagenet policy): what kdtool's loader worker does per image with
+  augment.jda.device: loader (LoaderViews: the chain on the decoded image, RandomResizedCrop +
+  flip per view resampled by Pillow) plus TrainViews on the stacked batch, against Pillow's chain
+  then RandomResizedCrop + flip + ToTensor. (benchmarks/jda_imagenet_path.py measures the data
+  path on ImageNet-size JPEGs, loader side and accelerator side.)
 
 Normalisation is left out on both sides. One thread by default (one loader worker's share).
 Reports the median of --repeats timed runs after a warm-up; the two sides alternate so that a
@@ -28,7 +30,6 @@ import time
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
-from torchvision.transforms import v2
 
 from kdtool.augment import JointAugment, TrainViews
 
@@ -124,16 +125,13 @@ def kdtool_batched(aug: JointAugment, u8: torch.Tensor, padding: int):
 
 
 def kdtool_in_loader(aug: JointAugment, pil_images, size: int):
-    """kdtool for images of differing sizes: what a loader worker does per image (LoaderViews, then
-    RandomResizedCrop + flip of the original and the view), then TrainViews on the stacked batch."""
-    views = TrainViews(aug, 1, seed=0)
-    crop = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    """kdtool for images of differing sizes, views made in the loader (augment.jda.device: loader):
+    what a worker does per image (LoaderViews), then TrainViews on the stacked batch."""
+    views = TrainViews(aug, 1, seed=0, where="loader")
+    per_image = views.loader_views(CPU.device)
 
     def run():
-        stacked = []
-        for img in pil_images:
-            full = v2.functional.pil_to_tensor(img)
-            stacked.append(torch.stack([crop(view) for view in [full, *views.in_loader(full)]]))
+        stacked = [per_image(img, key, size) for key, img in enumerate(pil_images)]
         return views({"views": torch.stack(stacked)}, 0, CPU)
     return run
 

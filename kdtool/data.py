@@ -8,8 +8,14 @@ dataset's random transform drawn anew for the original and for each view; kdtool
 
 - images of one size (digits, CIFAR-100): ``{"image": uncropped uint8 (3, H, W), "key": int,
   "padding": int, "flip": bool}``: the crops, flips and the chain are made on the batch;
-- images of differing sizes (ImageFolder): ``{"views": uint8 (1 + V, 3, S, S)}``, the chain run
-  in the loader worker on the full decoded image, each view then cropped there.
+- images of differing sizes (ImageFolder), views made on the accelerator: ``{"pixels": decoded
+  uint8 numpy (h, w, 3), "key": int, "size": S}``, which :func:`collate_samples` packs one after the
+  other with each image's (h, w) as ``"extent"``: the workers only read and decode;
+- the same, views made in the loader (``augment.jda.device: loader``, the default without CUDA):
+  ``{"views": uint8 (1 + V, 3, S, S)}``, made by the `in_loader` callable on the decoded image.
+
+One image may hold at most MAX_IMAGE_PIXELS pixels (larger ones are unreadable images,
+``data.bad_images``), which bounds the canvas the accelerator path puts images on.
 
 Normalisation is not done here: the trainer and evaluators run it on the device, after JDA, with
 the `DataInfo` mean/std, so that augmentation works on plain [0, 1] images as the method requires.
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.transforms import v2
 
 from kdtool.errors import KdtoolError, Registry
@@ -38,6 +44,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+# Pixels (height x width) of the largest training image kdtool reads: 2**25 (e.g. 8192 x 4096).
+# The accelerator path's canvas holds at most this many pixels per channel (96 MiB of uint8 RGB).
+MAX_IMAGE_PIXELS = 2**25
 
 
 @dataclass(frozen=True)
@@ -307,15 +316,25 @@ def _folder_reader():
 _UNREADABLE = (OSError, Image.DecompressionBombError)
 
 
+class TooLargeImage(OSError):
+    """An image of more than MAX_IMAGE_PIXELS pixels (read as unreadable)."""
+
+
+def _check_pixels(image: Image.Image) -> Image.Image:
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise TooLargeImage(f"{image.width}x{image.height} is more than kdtool's {MAX_IMAGE_PIXELS} pixels per image")
+    return image
+
+
 class CheckedImageFolder(Dataset):
     """torchvision ImageFolder that fails fast, or skips and counts, on unreadable images.
 
     Skipped files are flagged in `unreadable`, a shared-memory tensor, so that flags set in
     DataLoader workers reach the trainer; setting a flag twice is harmless, so workers need no lock.
-    `transform` takes a PIL image or a uint8 tensor to uint8 (3, S, S).
+    `transform` takes a PIL image or a uint8 tensor to uint8 (3, S, S); `size` is S.
     """
 
-    def __init__(self, root: Path, transform: Callable, bad_images: str):
+    def __init__(self, root: Path, transform: Callable, bad_images: str, size: int):
         try:
             self.folder = _folder_reader()(str(root))
         except FileNotFoundError as exc:
@@ -326,7 +345,7 @@ class CheckedImageFolder(Dataset):
             raise KdtoolError(f"data.root: {root}: {exc}") from None
         except RuntimeError as exc:
             raise KdtoolError(f"data.root: {root}: {exc}") from None
-        self.transform, self.bad_images = transform, bad_images
+        self.transform, self.bad_images, self.size = transform, bad_images, size
         self.unreadable = torch.zeros(len(self.folder), dtype=torch.bool).share_memory_()
         self.classes, self.targets = self.folder.classes, self.folder.targets
 
@@ -343,6 +362,8 @@ class CheckedImageFolder(Dataset):
         for _ in range(len(self.folder)):
             path, label = self.folder.samples[index]
             try:
+                with Image.open(path) as opened:  # its size is in the header: refuse before decoding
+                    _check_pixels(opened)
                 return self.folder.loader(path), label
             except _UNREADABLE as exc:
                 if self.bad_images == "fail":
@@ -356,12 +377,14 @@ class CheckedImageFolder(Dataset):
         return self.transform(image), label
 
     def joint_sample(self, index: int, in_loader: Optional[Callable] = None):
-        """The original and the `in_loader` views of the full decoded image, each cropped by
-        `transform` on its own: ({"views": uint8 (1 + V, 3, S, S)}, label)."""
+        """The decoded image and its key for views made on the accelerator: ({"pixels": uint8 numpy
+        (h, w, 3), "key", "size"}, label); with `in_loader` (image, key, size) -> views, the views
+        made here: ({"views": uint8 (1 + V, 3, S, S)}, label)."""
         image, label = self._load(index)
-        full = v2.functional.pil_to_tensor(image)
-        views = [full, *(in_loader(full) if in_loader is not None else [])]
-        return {"views": torch.stack([self.transform(view) for view in views])}, label
+        key = _sample_key()
+        if in_loader is not None:
+            return {"views": in_loader(image, key, self.size)}, label
+        return {"pixels": np.asarray(image), "key": key, "size": self.size}, label  # read-only: collate copies it once
 
 
 def _empty_class_folders(root: Path) -> list[Path]:
@@ -380,8 +403,8 @@ def _imagefolder(cfg: DataConfig) -> Datasets:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise KdtoolError(f"data.root: {root / split} not found (ImageFolder expects train/ and val/ class folders)")
-    train = CheckedImageFolder(root / "train", train_tf, cfg.bad_images)
-    val = CheckedImageFolder(root / "val", val_tf, cfg.bad_images)
+    train = CheckedImageFolder(root / "train", train_tf, cfg.bad_images, size)
+    val = CheckedImageFolder(root / "val", val_tf, cfg.bad_images, size)
     if train.classes != val.classes:
         raise KdtoolError(f"data.root: {root}: train/ and val/ hold different class folders")
     return Datasets(train, val, DataInfo(len(train.classes), tuple(train.classes), size, IMAGENET_MEAN, IMAGENET_STD))
@@ -461,9 +484,23 @@ def unreadable_flags(dataset: Dataset) -> torch.Tensor | None:
     return dataset.unreadable if isinstance(dataset, CheckedImageFolder) and dataset.bad_images == "skip" else None
 
 
+def collate_samples(samples: list):
+    """torch's default collate, except for decoded images of differing sizes (``{"pixels"}``
+    samples): their pixels packed one after the other, with "extent" (B, 2), "key" and "size"."""
+    first = samples[0][0]
+    if not (isinstance(first, dict) and "pixels" in first):
+        return default_collate(samples)
+    images = [np.asarray(sample["pixels"]) for sample, _ in samples]
+    batch = {"pixels": torch.from_numpy(np.concatenate([image.reshape(-1) for image in images])),
+             "extent": torch.tensor([image.shape[:2] for image in images], dtype=torch.int64),
+             "key": torch.tensor([sample["key"] for sample, _ in samples], dtype=torch.int64),
+             "size": torch.tensor([sample["size"] for sample, _ in samples], dtype=torch.int64)}
+    return batch, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
 def build_loader(dataset: Dataset, cfg: DataConfig, *, train: bool, batch_size: int | None = None) -> DataLoader:
     """A DataLoader with the recipe's worker and pinned-memory settings (shuffled, full batches for training).
-    torch's default collate stacks tensors and batches the dicts of training samples field by field."""
+    `collate_samples` stacks tensors and batches the dicts of training samples field by field."""
     return DataLoader(
         dataset,
         batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),
@@ -473,4 +510,5 @@ def build_loader(dataset: Dataset, cfg: DataConfig, *, train: bool, batch_size: 
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         # Persistent workers would keep a copy of the training set from before its `set_epoch`.
         persistent_workers=cfg.workers > 0 and not train,
+        collate_fn=collate_samples,
     )

@@ -118,6 +118,11 @@ class JDAConfig(_Section):
     p: Optional[float] = Field(None, ge=0, le=1, description="firing probability; null = the policy's")
     views: int = Field(1, ge=1, le=8, description="augmented views per original image")
     teacher_sees_views: bool = True
+    device: Literal["auto", "loader", "accelerator"] = Field(
+        "auto", description="where views of images of differing sizes (imagefolder) are made: the loader "
+        "workers, one image at a time, or the accelerator, batched (the workers only read and decode); "
+        "auto = accelerator when training on CUDA, else loader. Both give the same pixels. Images of one "
+        "size (digits, cifar100) always get their views batched on the accelerator")
 
 
 class AugmentConfig(_Section):

@@ -22,6 +22,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from kdtool.augment import (
     POLICIES, JDAParams, JointAugment, Op, Policy, build_jda, joint_batch,
 )
+from kdtool.augment import ops as ops_module
 
 SIGN_VARIANT = {-1.0: 0, 1.0: 1}  # JDAParams.variant of a signed op
 from kdtool.errors import KdtoolError
@@ -477,14 +478,119 @@ def test_views_from_the_loader_are_laid_out_view_major():
         TrainViews(JointAugment("imagenet"), 1, seed=0)({"views": stacked[:, :1]}, 0, _Accelerator())
 
 
-def test_rot90_turns_square_batches_and_single_images_of_any_shape():
-    from kdtool.augment import LoaderViews
-
+def test_rot90_turns_square_batches_and_canvases_of_any_shape():
     aug = JointAugment("rotation")
     wide = torch.arange(2 * 3 * 4 * 6, dtype=torch.uint8).view(2, 3, 4, 6)
+    turns = JDAParams(torch.ones(2, 1, dtype=torch.bool), torch.tensor([[0], [2]]))  # 1 and 3 quarter turns
     with pytest.raises(KdtoolError, match="square"):
         aug.apply_u8(wide, JDAParams(torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 1, dtype=torch.long)))
-    torch.manual_seed(0)
-    turned = LoaderViews(aug, 3)(wide[0])
-    for view in turned:
-        assert any(torch.equal(view, torch.rot90(wide[0], k, (1, 2))) for k in (1, 2, 3))
+    with pytest.raises(KdtoolError, match="square"):
+        aug.apply_canvas(wide, np.array([[4, 6], [4, 6]]), turns)
+    canvas = torch.zeros(2, 3, 6, 6, dtype=torch.uint8)
+    canvas[:, :, :4, :6] = wide
+    turned, hw = aug.apply_canvas(canvas, np.array([[4, 6], [4, 6]]), turns)
+    assert hw.tolist() == [[6, 4], [6, 4]]
+    for i, k in enumerate((1, 3)):
+        assert torch.equal(turned[i, :, :6, :4], torch.rot90(wide[i], k, (1, 2)))
+
+
+# ---------------------------------------------------------------- images of differing sizes
+MIXED = ((37, 53), (1, 40), (40, 1), (2, 9), (64, 17), (13, 90), (3, 3), (50, 50))  # (h, w)
+
+
+def _mixed_images() -> list[torch.Tensor]:
+    """Noise and smooth gradients of MIXED sizes."""
+    gen = torch.Generator().manual_seed(0)
+    images = []
+    for i, (h, w) in enumerate(MIXED):
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        smooth = torch.stack([(yy * 7 + xx * 3 + i * 11) % 256, (xx * 5) % 256, (yy * 255) // max(h - 1, 1)])
+        images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) if i % 2
+                      else smooth.to(torch.uint8))
+    return images
+
+
+def _on_canvas(images, square: bool, fill: int = 77):
+    tall, wide = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    if square:
+        tall = wide = max(tall, wide)
+    canvas = torch.full((len(images), 3, tall, wide), fill, dtype=torch.uint8)
+    for k, image in enumerate(images):
+        canvas[k, :, :image.shape[1], :image.shape[2]] = image
+    return canvas, np.array([image.shape[1:] for image in images])
+
+
+def _every_op_and_variant():
+    magnitudes = {"shearX": 0.3, "shearY": 1 / 6, "translateX": 0.4028, "translateY": 0.2, "rotate": 13.3,
+                  "posterize": 5, "solarize": 142.2, "contrast": 0.5, "brightness": 0.9, "sharpness": 0.7, "color": 0.4}
+    for name in sorted(ops_module._OPS):
+        for variant, _ in enumerate(ops_module._variants(name)):
+            yield name, magnitudes.get(name, 0.0), variant
+
+
+@pytest.mark.parametrize("name,magnitude,variant", list(_every_op_and_variant()))
+def test_each_op_on_a_canvas_equals_the_op_on_each_image_alone(name, magnitude, variant):
+    """Statistics over each image's own pixels, geometry about its own centre with grey inside its
+    own extent, sharpness's border rule at its own border: the padding never leaks in."""
+    images = _mixed_images()
+    aug = JointAugment(Policy("one", (Op(name, magnitude),), 1.0))
+    params = JDAParams(torch.ones(len(images), 1, dtype=torch.bool), torch.full((len(images), 1), variant))
+    for fill in (0, 255):
+        out, hw = aug.apply_canvas(*_on_canvas(images, square=name == "rot90", fill=fill), params)
+        for k, image in enumerate(images):
+            alone = aug.apply_u8(image[None], params.rows(slice(k, k + 1)))[0]
+            assert tuple(hw[k]) == tuple(alone.shape[1:]), (name, k)
+            assert torch.equal(out[k, :, :hw[k][0], :hw[k][1]], alone), (name, variant, MIXED[k], fill)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_policies_on_a_canvas_equal_the_per_image_chain(policy):
+    images = _mixed_images() * 3
+    aug = JointAugment(policy, 0.6)
+    params = aug.sample(len(images), torch.Generator().manual_seed(3))
+    out, hw = aug.apply_canvas(*_on_canvas(images, square=policy == "rotation"), params)
+    for k, image in enumerate(images):
+        alone = aug.apply_u8(image[None], params.rows(slice(k, k + 1)))[0]
+        assert torch.equal(out[k, :, :hw[k][0], :hw[k][1]], alone), (policy, k)
+
+
+def test_batched_crops_equal_pillow():
+    """RandomResizedCrop boxes within each image; the batched resampling equals Pillow's passes."""
+    from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((375, 500), (1, 300), (300, 1), (7, 9), (60, 1000))]
+    canvas, hw = _on_canvas([torch.from_numpy(a).permute(2, 0, 1) for a in images], square=False)
+    for size in (224, 5):
+        boxes = crop_boxes(rng.random((len(images), CROP_SLOTS)), hw[:, 0], hw[:, 1])
+        assert ((boxes[:, :2] >= 0) & (boxes[:, :2] + boxes[:, 2:] <= hw) & (boxes[:, 2:] > 0)).all()
+        flips = np.array([True, False, True, False, True])
+        out = crop_resize(canvas, boxes, size, flips)
+        for k, array in enumerate(images):
+            assert torch.equal(out[k], crop_resize_pil(Image.fromarray(array), boxes[k], size, flips[k])), k
+
+
+def test_each_resampling_pass_is_pillows():
+    """One pass at a time (the other size kept) Pillow runs exactly one pass: ours equals it."""
+    from kdtool.augment.resample import crop_resize
+
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (262, 228, 3), dtype=np.uint8)
+    canvas = torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+    whole = np.array([[0, 0, 262, 228]])
+    for target in ((100, 262), (228, 31), (500, 262), (228, 600)):  # (width, height)
+        ref = torch.from_numpy(np.asarray(Image.fromarray(array).resize(target, Image.BILINEAR)).copy()).permute(2, 0, 1)
+        if target[1] == 262:
+            ours = _one_pass(canvas, whole, target[0], dim=3)
+        else:
+            ours = _one_pass(canvas, whole, target[1], dim=2)
+        assert torch.equal(ours[0], ref), target
+    assert crop_resize(canvas, whole, 224, np.array([False])).shape == (1, 3, 224, 224)
+
+
+def _one_pass(canvas, box, size, dim):
+    from kdtool.augment.resample import _coefficients, _resample_pass
+
+    extent = box[:, 3] if dim == 3 else box[:, 2]
+    weights, first = _coefficients(extent, size)
+    return _resample_pass(canvas, dim, weights, first, np.zeros(1, dtype=np.int64))

@@ -149,25 +149,75 @@ def test_cifar100_training_samples_pad_4_and_flip(tmp_path):
     assert sample["image"].shape == (3, 32, 32) and (sample["padding"], sample["flip"]) == (4, True)
 
 
-def test_imagefolder_views_are_made_in_the_loader_on_the_full_image(tmp_path):
-    """Each view is the chain on the whole decoded image, then the dataset's crop; the sample holds the stack."""
-    from torchvision.transforms import v2
+# Sizes the two view paths must agree on: odd, 1 x N and N x 1, very wide and very tall, tiny.
+MIXED_SIZES = ((41, 29), (1, 37), (33, 1), (120, 7), (6, 90), (2, 2), (53, 53), (17, 64))
 
-    from kdtool.augment import JointAugment, LoaderViews
-    from kdtool.data import CheckedImageFolder, SeededSamples
 
-    write_imagefolder(tmp_path, size=(40, 30))
-    fixed = v2.Compose([v2.PILToTensor(), v2.Resize(24, antialias=True), v2.CenterCrop(24)])  # no randomness
-    folder = CheckedImageFolder(tmp_path / "train", fixed, "fail")
-    samples = SeededSamples(folder, seed=0, in_loader=LoaderViews(JointAugment("rotation"), 2))
-    sample, label = samples[5]
-    full = v2.functional.pil_to_tensor(Image.open(folder.folder.samples[5][0]).convert("RGB"))
-    assert sample["views"].shape == (3, 3, 24, 24) and label == 1
-    assert torch.equal(sample["views"][0], fixed(full))
-    turned = [fixed(torch.rot90(full, k, (1, 2))) for k in (1, 2, 3)]  # turned before the crop
-    for view in sample["views"][1:]:
-        assert any(torch.equal(view, candidate) for candidate in turned)
-    assert torch.equal(samples[5][0]["views"], sample["views"])
+def write_mixed_imagefolder(root, per_class=4):
+    """JPEGs of MIXED_SIZES (smooth, so that JPEG keeps detail), with grayscale and RGBA PNG sources."""
+    rng = np.random.default_rng(1)
+    sizes = iter(MIXED_SIZES * 4)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = next(sizes)
+                yy, xx = np.mgrid[0:h, 0:w]
+                base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1)
+                pixels = (base + rng.integers(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                if i == 1:
+                    image.convert("L").save(folder / f"{i}.png")
+                elif i == 2:
+                    image.convert("RGBA").save(folder / f"{i}.png")
+                else:
+                    image.save(folder / f"{i}.jpg", quality=90)
+
+
+@pytest.mark.parametrize("policy,p", [("imagenet", 0.6), ("cifar100", 0.6), ("cifar10", 0.6), ("rotation", 1.0),
+                                      (None, 0.0)])
+def test_loader_and_accelerator_views_are_pixel_identical(tmp_path, policy, p):
+    """Views made per image in the workers equal views made batched on a canvas of mixed sizes."""
+    from kdtool.augment import JointAugment, TrainViews
+    from kdtool.data import SeededSamples
+
+    write_mixed_imagefolder(tmp_path)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=12, batch_size=8)
+    train = build_datasets(cfg).train
+    augment = JointAugment(policy, p=p) if policy else None
+    joint = {}
+    for where in ("loader", "accelerator"):
+        views = TrainViews(augment, 2 if policy else 0, seed=0, where=where)
+        samples = SeededSamples(train, 4, views.loader_views(torch.device("cpu")))
+        samples.set_epoch(3)
+        torch.manual_seed(0)  # the same shuffled order
+        batch, labels = next(iter(build_loader(samples, cfg, train=True)))
+        assert ("pixels" in batch) == (where == "accelerator")
+        joint[where] = views(batch, 0, _Accelerator())
+    assert joint["loader"].shape == (8 * (3 if policy else 1), 3, 12, 12)
+    assert torch.equal(joint["loader"], joint["accelerator"])
+
+
+def test_view_device_auto_follows_the_accelerator():
+    from kdtool.augment import view_device
+
+    assert view_device("auto", "cuda")[0] == "accelerator" and view_device("auto", "cpu")[0] == "loader"
+    assert view_device("loader", "cuda")[0] == "loader" and view_device("accelerator", "cpu")[0] == "accelerator"
+    with pytest.raises(KdtoolError, match="augment.jda.device"):
+        view_device("gpu", "cpu")
+
+
+def test_recipe_check_says_where_views_are_made_and_refuses_other_places(cli_runner):
+    from conftest import one_line_error
+
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    shown = cli_runner("recipe", "check", recipe, "--set", "augment.jda.device=accelerator")
+    assert shown.exit_code == 0 and "made on the accelerator, batched (augment.jda.device: accelerator)" in shown.output
+    auto = cli_runner("recipe", "check", recipe, "--set", "runtime.cpu=true")
+    assert "made in the loader workers, one image at a time (auto: training runs on cpu" in auto.output, auto.output
+    line = one_line_error(cli_runner("recipe", "check", recipe, "--set", "augment.jda.device=gpu"))
+    assert "augment.jda.device" in line and "accelerator" in line, line
 
 
 def test_imagefolder_training_batches_become_joint_batches(tmp_path):
@@ -177,23 +227,59 @@ def test_imagefolder_training_batches_become_joint_batches(tmp_path):
     write_imagefolder(tmp_path)
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, batch_size=4)
     train = build_datasets(cfg).train
-    views = TrainViews(JointAugment("imagenet", p=0.5), 1, seed=0)
-    batch, labels = next(iter(build_loader(SeededSamples(train, 0, views.in_loader), cfg, train=True)))
+    views = TrainViews(JointAugment("imagenet", p=0.5), 1, seed=0, where="loader")
+    batch, labels = next(iter(build_loader(SeededSamples(train, 0, views.loader_views("cpu")), cfg, train=True)))
     joint = views(batch, 0, _Accelerator())
     assert joint.shape == (8, 3, 16, 16) and joint.dtype == torch.float32 and labels.shape == (4,)
     assert torch.equal(joint[:4], batch["views"][:, 0].float() / 255)
-    plain, _ = next(iter(build_loader(SeededSamples(train, 0), cfg, train=True)))
+    no_views, _ = next(iter(build_loader(SeededSamples(train, 0, TrainViews(None, 0, 0, "loader").loader_views("cpu")),
+                                         cfg, train=True)))
     with pytest.raises(KdtoolError, match="in_loader"):
-        views(plain, 0, _Accelerator())
+        views(no_views, 0, _Accelerator())
 
 
-def test_imagefolder_distillation_with_jda(tmp_path, cli_runner):
-    """End to end: ImageFolder images of differing sizes get their JDA views in the loader workers."""
+def test_imagefolder_distillation_is_identical_on_either_view_path(tmp_path, cli_runner):
+    """End to end on mixed-size JPEGs: views made in the loader or on the accelerator give the same
+    run (every metric but the timings), for the same seed."""
+    import json
+
     from conftest import TINY
 
-    write_imagefolder(tmp_path / "images", per_class=6)
-    overrides = [*TINY, "data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.batch_size=4",
-                 "data.train_fraction=1", "train.epochs=1", "augment.jda.policy=imagenet"]
-    result = cli_runner("distill", Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
-                        *sum([["--set", o] for o in overrides], []), "--out", tmp_path / "run")
-    assert result.exit_code == 0, result.output
+    write_mixed_imagefolder(tmp_path / "images", per_class=6)
+    records = {}
+    for where in ("loader", "accelerator"):
+        overrides = [*TINY, "data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.batch_size=4",
+                     "data.train_fraction=1", "train.epochs=1", "augment.jda.policy=imagenet", "augment.jda.p=0.6",
+                     f"augment.jda.device={where}"]
+        result = cli_runner("distill", Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
+                            *sum([["--set", o] for o in overrides], []), "--out", tmp_path / where)
+        assert result.exit_code == 0, result.output
+        lines = (tmp_path / where / "metrics.jsonl").read_text().splitlines()
+        records[where] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
+    assert records["loader"] == records["accelerator"] and records["loader"]
+
+
+def test_canvases_stay_under_the_pixel_budget_and_long_images_turn_alone(monkeypatch):
+    """A batch is cut into canvases of at most MAX_IMAGE_PIXELS pixels; an image too long for a
+    square canvas (quarter turns) goes alone on its own canvas; the views stay the loader's."""
+    import kdtool.augment.views as views
+    from kdtool.augment import JointAugment, TrainViews
+
+    monkeypatch.setattr(views, "MAX_IMAGE_PIXELS", 5000)
+    rng = np.random.default_rng(0)
+    sizes = np.array([(1, 3000), (40, 30), (30, 40), (3000, 1), (20, 20), (50, 60), (60, 50)])
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    pixels = torch.from_numpy(np.concatenate([image.reshape(-1) for image in images]))
+    keys = np.arange(len(sizes), dtype=np.int64) * 31 + 1
+    for policy, square in (("rotation", True), ("imagenet", False)):
+        chunks = views._chunks(sizes, square)
+        assert [i for start, end in chunks for i in range(start, end)] == list(range(len(sizes)))
+        for start, end in chunks:
+            side = sizes[start:end].max(0)
+            area = side.max() ** 2 if square else side.prod()
+            assert end - start == 1 or (end - start) * area <= 5000, (policy, start, end)
+        augment = JointAugment(policy, 1.0)
+        made = views.differing_size_views(pixels, sizes, keys, augment, 2, 8)
+        per_image = TrainViews(augment, 2, 0, "loader").loader_views("cpu")
+        expected = torch.stack([per_image(Image.fromarray(image), int(key), 8) for image, key in zip(images, keys)])
+        assert torch.equal(made, expected.transpose(0, 1).reshape(-1, 3, 8, 8)), policy

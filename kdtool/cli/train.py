@@ -98,4 +98,17 @@ def recipe_check(recipe_path, overrides):
     click.echo("# normalisation (the recipe's, else the pretrained weights', else the dataset's):")
     for line in describe_normalization(resolved):
         click.echo(f"#   {line}")
+    click.echo(f"# JDA views of images of differing sizes: {_view_device_line(resolved)}")
+
+
+def _view_device_line(resolved) -> str:
+    """Where `augment.jda.device` makes the views on this machine, and why."""
+    import torch
+
+    from kdtool.augment import view_device
+
+    device_type = "cuda" if torch.cuda.is_available() and not resolved.runtime.cpu else "cpu"
+    where, why = view_device(resolved.augment.jda.device, device_type)
+    place = "on the accelerator, batched" if where == "accelerator" else "in the loader workers, one image at a time"
+    return f"made {place} ({why})"
 

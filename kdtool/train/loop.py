@@ -23,6 +23,7 @@ from kdtool.data import Datasets, SeededSamples, build_loader, unreadable_flags
 from kdtool.errors import KdtoolError
 from kdtool.evaluate import classification_metrics, predict
 from kdtool.losses import LossFn
+from kdtool.progress import progress
 from kdtool.recipe import DataConfig, RuntimeConfig, TrainConfig
 from kdtool.rundir import BEST, LAST, METRICS_FILE, has_checkpoint, read_state
 from kdtool.train.setup import build_optimizer, build_scheduler, epoch_seed
@@ -95,9 +96,9 @@ def train_one_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: Tra
         loaders.unreadable_train.zero_()
         loaders.unreadable_train[resumed.get("unreadable_images", [])] = True
     trainer.model.train()
-    bar = tqdm(skip_first_batches(loaders.train, skip) if skip else loaders.train, initial=skip,
-               total=plan.batches_per_epoch, desc=f"{plan.label} {state.epoch + 1}/{plan.epochs}", leave=False,
-               dynamic_ncols=True, disable=not (plan.progress and accelerator.is_local_main_process))
+    bar = progress(skip_first_batches(loaders.train, skip) if skip else loaders.train, initial=skip,
+                   total=plan.batches_per_epoch, desc=f"{plan.label} {state.epoch + 1}/{plan.epochs}",
+                   enabled=plan.progress and accelerator.is_local_main_process)
     rng = resumed.get("rng")
     for i, (images, targets) in enumerate(bar, start=skip):
         if rng is not None:  # the first batch after a mid-epoch checkpoint: dropout draws continue from it
@@ -209,7 +210,8 @@ def prepare(model: nn.Module, datasets: Datasets, loss_fn: LossFn, *, train_cfg:
             train_views: Optional[TrainViews]) -> tuple[TrainStep, Loaders]:
     """Loaders, optimizer and schedule for `model`, everything placed and wrapped by the accelerator."""
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
-    train_set = SeededSamples(datasets.train, seed, in_loader=train_views.in_loader if train_views else None)
+    in_loader = (train_views or TrainViews(None, 0, seed)).loader_views(accelerator.device)
+    train_set = SeededSamples(datasets.train, seed, in_loader=in_loader)
     train_loader = build_loader(train_set, data_cfg, train=True)
     val_loader = build_loader(datasets.val, data_cfg, train=False)
     batches_per_epoch = len(train_loader)

@@ -189,3 +189,25 @@ def test_negative_split_seed_is_one_line(cli_runner, fault_trials):
                       lambda: stratified_subset([0, 1] * 10, 0.5, -1)):
             with pytest.raises(KdtoolError, match="^data.split_seed: -1 is out of range"):
                 split()
+
+
+@pytest.mark.parametrize("where", ["loader", "accelerator"])
+def test_image_over_the_pixel_cap_fails_naming_the_file_or_is_skipped(where, tmp_path, cli_runner, fault_trials):
+    """An image larger than kdtool's per-image cap (under Pillow's bomb limit) never reaches a canvas:
+    it is an unreadable image, refused from its header before decoding, on either view path."""
+    from kdtool.data import MAX_IMAGE_PIXELS
+
+    trials = fault_trials("data")
+    root = image_folder(tmp_path / "images", bad=False)
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 16
+    large = png_bomb(root / "train" / "a" / "large.png", side)
+    assert side * side < Image.MAX_IMAGE_PIXELS  # not a bomb to Pillow
+    jda = ["--set", "augment.jda.policy=imagenet", "--set", f"augment.jda.device={where}"]
+    with trials.trial():
+        line = one_line_error(cli_runner("distill", QUICKSTART, *folder_args(root, *jda), "--out", tmp_path / "fail"))
+        assert "unreadable image" in line and str(large) in line and str(MAX_IMAGE_PIXELS) in line, line
+    with trials.trial():
+        result = cli_runner("distill", QUICKSTART, *folder_args(root, "--set", "data.bad_images=skip", *jda),
+                            "--out", tmp_path / "skip")
+        assert result.exit_code == 0, result.output
+        assert "skipped 1 unreadable training image(s)" in result.output, result.output
