@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kdtool.errors import CheckFailed, KdtoolError
+from kdtool.errors import CheckFailed, Interrupted, KdtoolError
 from kdtool.recipe import MAX_SEED, Recipe, load_recipe
 
 
@@ -31,6 +31,11 @@ def _printable(message: str, keep_newlines: bool) -> str:
     return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1] for c in message)
 
 
+def is_main_process() -> bool:
+    """Whether this is the first process of a multi-process launch (torchrun / accelerate launch set RANK), or alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def handle_errors(command):
     """Turn library errors (and OS errors on user paths) into one-line messages with exit codes."""
 
@@ -43,6 +48,8 @@ def handle_errors(command):
             if _debug_enabled(ctx):
                 raise
             code = getattr(exc, "exit_code", 2)
+            if isinstance(exc, Interrupted) and not is_main_process():
+                ctx.exit(code)  # every rank stopped at the same step with the same message: the main process says it
             message = str(exc) if isinstance(exc, KdtoolError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
             click.secho(f"Error: {_printable(message, keep_newlines=isinstance(exc, CheckFailed))}", fg="red", err=True)
             ctx.exit(code)

@@ -29,6 +29,7 @@ from kdtool.train.setup import build_optimizer, build_scheduler, epoch_seed
 from kdtool.train.signals import StopRequest, interrupted, stop_on_signals
 from kdtool.train.state import TrainState, diverged, restore_rng, resume_state, rng_snapshot, save_state, start_fresh
 from kdtool.train.step import Teacher, TrainStep
+from kdtool.train.sync_bn import sync_batchnorm
 from kdtool.train.tracking import log_values
 
 
@@ -90,7 +91,8 @@ def train_one_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: Tra
     loaders.train.set_epoch(state.epoch)
     loaders.train_set.set_epoch(state.epoch)  # Accelerate forwards set_epoch to the dataset on one process only
     skip = resumed.get("batches", 0)
-    run = EpochRun({name: torch.tensor(value, device=device) for name, value in resumed.get("sums", {}).items()}, skip)
+    run = EpochRun({name: torch.tensor(resumed_sum(value, accelerator), device=device)
+                    for name, value in resumed.get("sums", {}).items()}, skip)
     if loaders.unreadable_train is not None:
         loaders.unreadable_train.zero_()
         loaders.unreadable_train[resumed.get("unreadable_images", [])] = True
@@ -116,6 +118,17 @@ def train_one_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: Tra
             break
     bar.close()
     return run
+
+
+def resumed_sum(saved, accelerator: Accelerator) -> float:
+    """This process's share of a loss sum a mid-epoch checkpoint saved (one per process; a single number before).
+
+    With another number of processes than saved, the main process carries the whole sum."""
+    if not isinstance(saved, list):
+        return saved
+    if len(saved) == accelerator.num_processes:
+        return saved[accelerator.process_index]
+    return sum(saved) if accelerator.is_main_process else 0.0
 
 
 def check_step(parts: dict, trainer: TrainStep, plan: Plan, state: TrainState, bar, to_trackers: bool) -> None:
@@ -159,6 +172,8 @@ def end_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: TrainStat
     accelerator = trainer.accelerator
     finished = state.epoch + 1 == plan.epochs or state.step >= plan.total_steps
     record = {"stage": plan.label, "epoch": state.epoch + 1, "step": state.step, "lr": trainer.scheduler.get_last_lr()[0]}
+    # The world size every process saw (a launcher that started fewer processes than asked shows here).
+    record["world_sizes"] = accelerator.gather(torch.tensor([accelerator.num_processes], device=accelerator.device)).tolist()
     # Each process summed its share of every batch; the record holds the mean over all of them.
     record.update({f"train_{k}": (accelerator.reduce(v, "mean") / run.batches).item() for k, v in run.sums.items()})
     if loaders.unreadable_train is not None:
@@ -181,8 +196,9 @@ def end_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: TrainStat
 
 def save_mid_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: TrainState, run: EpochRun) -> None:
     """Checkpoint an epoch a signal stopped: where it stopped, its loss sums so far and torch's RNG."""
-    mid_epoch = {"batches": run.batches, "sums": {k: v.item() for k, v in run.sums.items()},
-                 "rng": rng_snapshot(trainer.accelerator.device)}
+    # Every process's own sums (the epoch's record averages them), so each resumes from its own.
+    sums = {k: trainer.accelerator.gather(v.reshape(1)).tolist() for k, v in run.sums.items()}
+    mid_epoch = {"batches": run.batches, "sums": sums, "rng": rng_snapshot(trainer.accelerator.device)}
     if loaders.unreadable_train is not None:
         mid_epoch["unreadable_images"] = loaders.unreadable_train.nonzero().flatten().tolist()
     save_state(plan.out_dir, trainer, state, {"epoch": state.epoch, "mid_epoch": mid_epoch, "finished": False,
@@ -217,8 +233,8 @@ def prepare(model: nn.Module, datasets: Datasets, loss_fn: LossFn, *, train_cfg:
         raise KdtoolError(f"data.batch_size: {data_cfg.batch_size} is larger than the {len(datasets.train)} training images")
     set_seed(seed)  # the sampler's base seed is read from torch's seed in prepare()
     model = model.to(memory_format=memory_format)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if runtime.sync_batchnorm and accelerator.num_processes > 1:
+        model = sync_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, train_cfg.optimizer)
     steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
     scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
