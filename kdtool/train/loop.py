@@ -5,6 +5,7 @@ signal handling in `signals`, tracker logging in `tracking`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -252,11 +253,13 @@ def prepare(model: nn.Module, datasets: Datasets, loss_fn: LossFn, *, train_cfg:
 def fit(model: nn.Module, datasets: Datasets, *, loss_fn: LossFn, train_cfg: TrainConfig, data_cfg: DataConfig,
         runtime: RuntimeConfig, accelerator: Accelerator, out_dir: Path, seed: int, teacher: Optional[Teacher] = None,
         train_views: Optional[TrainViews] = None, resume: bool = False, label: str = "student", progress: bool = True,
-        log_step_offset: int = 0) -> FitResult:
+        log_step_offset: int = 0, stop: Optional[StopRequest] = None) -> FitResult:
     """Train `model` with `loss_fn`, evaluating, logging and checkpointing into `out_dir`.
 
     `resume` continues from `out_dir/last` when there is one. SIGINT/SIGTERM save a checkpoint at
-    the next step boundary and raise `Interrupted`; a non-finite loss or weights raise `CheckFailed`.
+    the next step boundary and raise `Interrupted` on every process at the same step; `stop` is the
+    caller's `stop_on_signals` request when its handlers span more than this fit (None: this fit's
+    own). A non-finite loss or weights raise `CheckFailed`.
     """
     out_dir = Path(out_dir)
     trainer, loaders = prepare(model, datasets, loss_fn, train_cfg=train_cfg, data_cfg=data_cfg, runtime=runtime,
@@ -269,17 +272,20 @@ def fit(model: nn.Module, datasets: Datasets, *, loss_fn: LossFn, train_cfg: Tra
     else:
         state = start_fresh(out_dir, accelerator.is_main_process)
     teacher_val = teacher_reference(trainer.teacher, loaders, trainer, runtime)
-    with stop_on_signals() as stop:
+    with contextlib.nullcontext(stop) if stop is not None else stop_on_signals() as stop:
         while state.epoch < plan.epochs and state.step < plan.total_steps:
             started = time.perf_counter()
             run = train_one_epoch(trainer, loaders, plan, state, stop)
             if run.stopped and run.batches < batches:
                 save_mid_epoch(trainer, loaders, plan, state, run)
+                accelerator.wait_for_everyone()  # no process leaves (and its launcher stops the rest) before the save
                 raise interrupted(stop.signum, label, f"at epoch {state.epoch + 1}, batch {run.batches}/{batches}",
                                   state.step, str(out_dir / LAST))
             end_epoch(trainer, loaders, plan, state, run, runtime=runtime, eval_every=train_cfg.eval_every,
                       teacher_val=teacher_val, started=started)
             if stop.agreed(accelerator):
                 raise interrupted(stop.signum, label, f"after epoch {state.epoch}", state.step, str(out_dir / LAST))
+        if stop.agreed(accelerator):  # a signal after the last epoch's check: the run is saved, stop before the next
+            raise interrupted(stop.signum, label, "at its end", state.step, str(out_dir / LAST))
     best = read_state(out_dir / BEST) if (out_dir / BEST).exists() else {}
     return FitResult(best=best.get("metrics", {}), last=state.last_record, out_dir=out_dir)
