@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from pathlib import Path
 
 import click
@@ -48,8 +49,11 @@ def handle_errors(command):
             if _debug_enabled(ctx):
                 raise
             code = getattr(exc, "exit_code", 2)
-            if isinstance(exc, Interrupted) and not is_main_process():
-                ctx.exit(code)  # every rank stopped at the same step with the same message: the main process says it
+            if isinstance(exc, Interrupted):
+                # Saved and stopped: a launcher's SIGTERM while this process exits must not turn 143 into a kill.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if not is_main_process():
+                    ctx.exit(code)  # every rank stopped at the same step with the same message: the main one says it
             message = str(exc) if isinstance(exc, KdtoolError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
             click.secho(f"Error: {_printable(message, keep_newlines=isinstance(exc, CheckFailed))}", fg="red", err=True)
             ctx.exit(code)

@@ -91,6 +91,14 @@ FAULTS = {
     "sweep_ctrl_c": Fault("Ctrl-C (SIGINT) to `kdtool sweep --executor ray` while cells run",
                           "outstanding tasks cancelled, exit 130 in one line; finished cells intact and reused by "
                           "the next run", "test_sweep_executors.py::test_ctrl_c_cancels_outstanding_cells_and_keeps_finished_ones"),
+    "rank_sigterm": Fault("SIGTERM to every rank of `torchrun --nproc_per_node 2 -m kdtool.cli distill` (and to "
+                          "torchrun), as a scheduler's pre-emption sends it, in the teacher's and the student's stage",
+                          "one checkpoint at the step all ranks agreed on, one stop line, each rank exits 143; "
+                          "`--resume` on two ranks ends bit-identical to an uninterrupted two-rank run",
+                          "test_ranks.py::test_sigterm_to_every_rank_saves_once_and_resume_ends_equal"),
+    "rank_sigkill": Fault("one rank of a two-rank `kdtool distill` SIGKILLed",
+                          "the job ends within 60 s (no collective hang); `--resume` ends bit-identical to an "
+                          "uninterrupted two-rank run", "test_ranks.py::test_sigkill_of_one_rank_ends_the_job_quickly_and_resume_continues"),
     "weights": Fault("bad weights files as `teacher.weights` / `student.weights`: empty, truncated, random bytes, "
                      "pickled code (torch zip, raw, under a .safetensors name), non-tensors, NaN weights, a FIFO, a "
                      "directory without a checkpoint, another class count or architecture",
