@@ -31,7 +31,10 @@ OVERRIDES = ["teacher.name=resnet8", "teacher.train.epochs=1", "train.epochs=3",
 # (max error 8.5e-5 vs 4.3e-6 against float64 on a batch of mean 3, std 0.05), and the difference grows over
 # steps; contiguous tensors compare the synchronisation itself.
 SYNC_BN = ["runtime.sync_batchnorm=true", "runtime.channels_last=false"]
-SYNC_BN_ATOL = 1e-4  # largest weight difference after 40 steps (measured: below 1e-6)
+SYNC_BN_ATOL = 1e-4  # largest weight difference, teacher and student, 10 steps each (measured: below 1e-6)
+# The student with cross-entropy on the JDA views: CCD's KL (x T^2 x kd_weight = 16 here) at lr 0.1 on a
+# teacher at chance amplifies float rounding from step to step (below 2e-7 after 3 steps, 2e-2 after 10).
+SYNC_BN_RUN = ["method.name=vanilla", "train.epochs=1"]
 LOST_RANK_SECONDS = 60  # torchrun notices the dead rank at its next monitor tick and stops the others (measured: ~2 s)
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
@@ -97,15 +100,16 @@ def test_each_rank_sees_two_processes_and_only_the_main_one_prints(two_ranks):
 
 
 def test_sync_batchnorm_two_ranks_match_one_process_and_per_rank_batchnorm_does_not(two_ranks, tmp_path):
-    finish(torchrun(tmp_path / "two-sync", overrides=OVERRIDES + SYNC_BN))
-    one_process(tmp_path / "one-sync", OVERRIDES + SYNC_BN)
+    sync = OVERRIDES + SYNC_BN + SYNC_BN_RUN
+    finish(torchrun(tmp_path / "two-sync", overrides=sync))
+    one_process(tmp_path / "one-sync", sync)
     for stage in ("teacher", "."):
         two, one = tmp_path / "two-sync" / stage, tmp_path / "one-sync" / stage
         assert max_weight_difference(two, one) < SYNC_BN_ATOL, stage
         assert [r["val_top1"] for r in metrics(two)] == [r["val_top1"] for r in metrics(one)], stage
         assert all(abs(a["train_loss"] - b["train_loss"]) < SYNC_BN_ATOL for a, b in zip(metrics(two), metrics(one)))
-    one_process(tmp_path / "one", OVERRIDES)
-    assert max_weight_difference(two_ranks[0], tmp_path / "one") > 100 * SYNC_BN_ATOL  # per-rank statistics
+    one_process(tmp_path / "one", OVERRIDES + ["train.max_steps=1"])  # the teacher stage of `two_ranks`, on one process
+    assert max_weight_difference(two_ranks[0] / "teacher", tmp_path / "one" / "teacher") > 100 * SYNC_BN_ATOL
 
 
 @pytest.mark.parametrize("stage", ["teacher", "student"])
