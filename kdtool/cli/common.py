@@ -49,8 +49,8 @@ def handle_errors(command):
             if _debug_enabled(ctx):
                 raise
             code = getattr(exc, "exit_code", 2)
-            if isinstance(exc, Interrupted):
-                # Saved and stopped: a launcher's SIGTERM while this process exits must not turn 143 into a kill.
+            if isinstance(exc, Interrupted) and "RANK" in os.environ:  # one of several launched processes
+                # Saved and stopped: the launcher's SIGTERM while this process exits must not turn 143 into a kill.
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 if not is_main_process():
                     ctx.exit(code)  # every rank stopped at the same step with the same message: the main one says it
