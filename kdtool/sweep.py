@@ -57,7 +57,7 @@ from kdtool.models import build_model, check_model_name
 from kdtool.recipe import BoundedLoader, Recipe, RecipeError, dump_recipe, load_recipe, parse_override, save_recipe
 from kdtool.rundir import RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock
 from kdtool.sweep_executors import (
-    EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config,
+    EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config, finished_summary,
 )
 
 RESULTS_FILE = "results.csv"
@@ -359,6 +359,8 @@ def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress
             shown = ", ".join(f"{label}={_fmt(_metric(outcome.result, m))}" for m, label in METRICS.items())
             tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: {shown} ({outcome.what})")
 
+    for job in cells:  # before anything runs: a stale cell of another sweep is bad input, not a failed cell
+        finished_summary(job.recipe, job.run_dir)
     EXECUTORS[executor.name](teachers, cells, executor, progress, report)
     bar.close()
     return [outcomes[i] for i in range(len(cells))]

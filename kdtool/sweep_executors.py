@@ -117,15 +117,22 @@ def train_shared_teacher(recipe: Recipe, teacher_dir: Path, progress: bool) -> N
                   resume=(teacher_dir / "last").exists(), progress=progress)
 
 
+def finished_summary(recipe: Recipe, run_dir: Path) -> Optional[dict]:
+    """The summary of a cell that finished with `recipe`, None when it has not; a cell finished with
+    another recipe is refused (bad input: the sweep directory holds another sweep's cell)."""
+    finished = summary(run_dir)
+    if finished is not None and dump_recipe(run_recipe(run_dir)) != dump_recipe(recipe):
+        raise KdtoolError(f"sweep cell {run_dir} was run with another recipe than this sweep's; "
+                          f"use another --out (or remove that cell to run it again)")
+    return finished
+
+
 def run_cell(recipe: Recipe, run_dir: Path, progress: bool) -> tuple[dict, str]:
     """Distil one cell: skip it when finished, resume it when started. (summary, what happened)."""
     from kdtool.train import distill
 
-    finished = summary(run_dir)
+    finished = finished_summary(recipe, run_dir)
     if finished is not None:
-        if dump_recipe(run_recipe(run_dir)) != dump_recipe(recipe):
-            raise KdtoolError(f"sweep cell {run_dir} was run with another recipe than this sweep's; "
-                              f"use another --out (or remove that cell to run it again)")
         return finished, "done before"
     resume = (run_dir / "last").exists()
     result = distill(recipe, run_dir, resume=resume, overwrite=not resume, progress=progress)
