@@ -154,6 +154,16 @@ def test_a_failing_cell_is_named_while_the_others_finish(local_ray, tmp_path, cl
         assert all((out / f"train.optimizer.lr=0.05,seed={s}" / SUMMARY_FILE).exists() for s in (0, 1))
 
 
+def test_a_failing_teacher_fails_its_cells_with_its_reason(tmp_path, fault_trials):
+    with fault_trials("sweep_cell_fails").trial():
+        rows = run_sweep(QUICKSTART, GRID, seeds=1, overrides=[*ONE_THREAD, "teacher.train.optimizer.lr=1e12"],
+                         out=tmp_path / "s", progress=False)
+        assert [row["status"] for row in rows] == ["failed", "failed"]
+        assert all(row["reason"].startswith(f"its teacher {tmp_path / 's' / 'teacher'} failed: teacher: loss became")
+                   for row in rows), rows
+        assert "Failed cells:" in (tmp_path / "s" / "table.md").read_text()
+
+
 def test_ray_missing_is_one_line_naming_the_extra(tmp_path, cli_runner, monkeypatch, fault_trials):
     with fault_trials("sweep_cell_fails").trial():
         monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
