@@ -5,10 +5,11 @@ torch thread per cell (`runtime.threads=1`), so a cell computes the same on eith
 can run as many cells at once as the machine has cores. The Ray side starts its local Ray first
 (that start-up is reported apart: a cluster is started once for many sweeps) and warms one worker
 per core (imports and the dataset read, which a long sweep pays once per worker). Printed:
-wall-clock of each, the speed-up serial / Ray (aim >= 1.6 on 2 cores), and Ray's overhead per cell: how much longer than a perfect split of the serial time over the cores Ray took,
-per cell (task submission, scheduling, a worker importing kdtool and building the cell's data).
+wall-clock of each, the speed-up serial / Ray (aim >= 1.6 on 2 cores), and Ray's overhead per
+cell: how much longer than a perfect split of the serial time over the cores Ray took, per cell
+(task submission, scheduling, the cell's data read and models built in the worker).
 
-    python benchmarks/sweep_scaling.py --epochs 3
+    python benchmarks/sweep_scaling.py --epochs 12
 """
 from __future__ import annotations
 
