@@ -23,6 +23,7 @@ A sweep spec (YAML) names the base recipe, fixed overrides, the grid, seeds and 
     out: runs/findings/a_rotation                    # relative to the working directory
     teacher_home: runs/findings/teacher              # optional: where the shared teacher lives
     seeds: 3
+    executor: {name: ray, cpus_per_cell: 1}          # optional: cells as Ray tasks (kdtool.sweep_executors)
     set: {data.image_size: 16}
     grid:
       augmentation:
