@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -238,9 +238,11 @@ def run_ray(teachers: list[TeacherJob], cells: list[CellJob], config: ExecutorCo
                    "max_retries": config.max_retries, "retry_exceptions": False}
         teacher_task = ray.remote(_ray_teacher_task).options(**options)
         cell_task = ray.remote(_ray_cell_task).options(**options)
-        cwd = os.getcwd()
-        teacher_refs = {job.directory: teacher_task.remote(job, cwd) for job in teachers}
-        pending = {cell_task.remote(job, teacher_refs.get(job.teacher), cwd): job for job in cells}
+        cwd = os.getcwd()  # paths go to the workers absolute, for nodes where this directory does not exist
+        teacher_refs = {job.directory: teacher_task.remote(replace(job, directory=job.directory.absolute()), cwd)
+                        for job in teachers}
+        pending = {cell_task.remote(replace(job, run_dir=job.run_dir.absolute()), teacher_refs.get(job.teacher),
+                                    cwd): job for job in cells}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
