@@ -344,8 +344,9 @@ def sweep_jobs(plan: SweepPlan, sweep_dir: Path) -> tuple[list[TeacherJob], list
     return teachers, cells
 
 
-def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress: bool) -> list[Outcome]:
-    """Run the plan's teachers and cells on `executor`, showing each cell as it ends; outcomes in cell order."""
+def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress: bool, keys: list[str]) -> list[dict]:
+    """Run the plan's teachers and cells on `executor`; each cell, as it ends, is shown and goes into the
+    reports (the cells finished so far, in grid order). The rows of every cell, in grid order."""
     teachers, cells = sweep_jobs(plan, sweep_dir)
     outcomes: dict[int, Outcome] = {}
     bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
@@ -359,12 +360,14 @@ def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress
         else:
             shown = ", ".join(f"{label}={_fmt(_metric(outcome.result, m))}" for m, label in METRICS.items())
             tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: {shown} ({outcome.what})")
+        rows = [_row(plan.cells[i], outcomes[i], cells[i].run_dir) for i in sorted(outcomes)]
+        write_reports(rows, keys, sweep_dir)
 
     for job in cells:  # before anything runs: a stale cell of another sweep is bad input, not a failed cell
         finished_summary(job.recipe, job.run_dir)
     EXECUTORS[executor.name](teachers, cells, executor, progress, report)
     bar.close()
-    return [outcomes[i] for i in range(len(cells))]
+    return [_row(cell, outcomes[i], job.run_dir) for i, (cell, job) in enumerate(zip(plan.cells, cells))]
 
 
 def _metric(result: Optional[dict], metric: str):
@@ -404,9 +407,7 @@ def run_sweep(recipe_path, grid: Mapping, seeds: int, overrides=(), out: Optiona
         else:
             save_recipe(base, sweep_dir / RECIPE_FILE)
         with claimed_teacher_home(plan, teacher_home, shared=teacher_home != sweep_dir):
-            outcomes = execute(plan, sweep_dir, executor, progress)
-        rows = [_row(cell, outcome, sweep_dir / cell.name) for cell, outcome in zip(plan.cells, outcomes)]
-        write_reports(rows, list(normalise_grid(grid)), sweep_dir)
+            rows = execute(plan, sweep_dir, executor, progress, list(normalise_grid(grid)))
     return rows
 
 

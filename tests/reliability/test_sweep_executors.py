@@ -4,6 +4,7 @@ checkpoint; a failing cell is reported with its reason while the others finish; 
 is outstanding and keeps what finished."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -209,14 +210,16 @@ def test_ctrl_c_cancels_outstanding_cells_and_keeps_finished_ones(tmp_path, faul
                 "--seeds", "3", *set_args(ONE_THREAD), "--out", str(out), "--executor", "ray", "--no-progress"]
         driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         deadline = time.monotonic() + 300
-        while not list(out.glob(f"*/{SUMMARY_FILE}")) and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not (out / "results.csv").exists() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reports are written as soon as the first cell ends
         driver.send_signal(signal.SIGINT)
         _, stderr = driver.communicate(timeout=120)
         assert driver.returncode == 130, stderr[-3000:]
         assert "stopped by SIGINT" in stderr_error(stderr) and "finished cells kept" in stderr
         finished = {p.parent.name: p.read_text() for p in out.glob(f"*/{SUMMARY_FILE}")}
         assert finished and len(finished) < 6
+        reported = [Path(row["run_dir"]).name for row in csv.DictReader(open(out / "results.csv"))]
+        assert reported and set(reported) <= set(finished), (reported, finished)
         cells = sorted(p for p in out.glob("method.name=*") if p.is_dir())
         assert all(not lock_holders(cell) for cell in cells), "a cancelled task still runs"
         rows = run_sweep(QUICKSTART, {"method.name": ["kd", "ccd"]}, seeds=3, overrides=ONE_THREAD, out=out,
