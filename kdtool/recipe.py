@@ -257,6 +257,8 @@ class RuntimeConfig(_Section):
     log_with: Annotated[list[TrackerName], AfterValidator(_distinct)] = Field(
         default_factory=list, max_length=16, description="experiment trackers Accelerate knows (tensorboard, wandb, mlflow, ...)")
     log_every: int = Field(10, ge=1, le=1_000_000, description="optimizer steps between loss/lr records to the trackers")
+    sync_batchnorm: bool = Field(False, description="with several processes, BatchNorm statistics over the "
+                                 "global batch (torch SyncBatchNorm on CUDA, kdtool's all-reduced one elsewhere)")
 
 
 # ---------------------------------------------------------------- export and bench

@@ -23,6 +23,7 @@ A sweep spec (YAML) names the base recipe, fixed overrides, the grid, seeds and 
     out: runs/findings/a_rotation                    # relative to the working directory
     teacher_home: runs/findings/teacher              # optional: where the shared teacher lives
     seeds: 3
+    executor: {name: ray, cpus_per_cell: 1}          # optional: cells as Ray tasks (kdtool.sweep_executors)
     set: {data.image_size: 16}
     grid:
       augmentation:
@@ -44,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from accelerate.utils import set_seed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
@@ -57,10 +57,10 @@ from kdtool.models import build_model, check_model_name
 from kdtool.recipe import (
     Recipe, RecipeError, dump_recipe, load_recipe, parse_override, read_yaml_file, save_recipe,
 )
-from kdtool.rundir import (
-    BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock, run_recipe, summary,
+from kdtool.rundir import BEST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock
+from kdtool.sweep_executors import (
+    EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config, finished_summary,
 )
-from kdtool.train import build_accelerator, distill, train_teacher
 
 RESULTS_FILE = "results.csv"
 TABLE_MD = "table.md"
@@ -306,15 +306,6 @@ def check_plan(plan: SweepPlan) -> None:
 
 
 # ------------------------------------------------------------------ running
-def train_shared_teacher(recipe: Recipe, teacher_dir: Path, progress: bool) -> None:
-    """Train (or resume, or reuse when finished) the teacher of `recipe` in `teacher_dir`."""
-    datasets = build_datasets(recipe.data)
-    set_seed(recipe.seed)  # the same initialisation as a single distill run of this recipe
-    teacher = build_model(recipe.teacher.name, datasets.info.num_classes, image_size=datasets.info.image_size)
-    train_teacher(recipe, teacher, datasets, teacher_dir, build_accelerator(recipe.runtime),
-                  resume=(teacher_dir / LAST).exists(), progress=progress)
-
-
 def _check_same_teacher_setup(recipe: Recipe, sweep_dir: Path) -> None:
     """Refuse a sweep directory whose teachers were trained from another seed, data or teacher."""
     saved = sweep_dir / RECIPE_FILE
@@ -332,48 +323,77 @@ def _claim_sweep_dir(directory: Path) -> None:
         claim(directory, SWEEP_KIND)
 
 
-def train_teachers(plan: SweepPlan, teacher_home: Path, progress: bool, *, shared: bool) -> None:
-    """Train the plan's teachers in `teacher_home`; a `shared` home (not the sweep directory) is
-    locked, marked and checked here, the sweep directory by the caller."""
-    if not plan.teachers:
+@contextlib.contextmanager
+def claimed_teacher_home(plan: SweepPlan, teacher_home: Path, *, shared: bool):
+    """While the plan's teachers train: a `shared` teacher home (not the sweep directory) locked, marked
+    and checked here (the sweep directory is the caller's)."""
+    if not (plan.teachers and shared):
+        yield
         return
-    with run_lock(teacher_home) if shared else contextlib.nullcontext():
-        if shared:
-            _claim_sweep_dir(teacher_home)
-            _check_same_teacher_setup(plan.base, teacher_home)
-        for directory, recipe in plan.teachers.items():
-            train_shared_teacher(recipe, directory, progress)
+    with run_lock(teacher_home):
+        _claim_sweep_dir(teacher_home)
+        _check_same_teacher_setup(plan.base, teacher_home)
+        yield
 
 
-def run_cell(recipe: Recipe, run_dir: Path, progress: bool) -> tuple[dict, str]:
-    """Distil one cell: skip it when finished, resume it when started. (summary, what happened)."""
-    finished = summary(run_dir)
-    if finished is not None:
-        if dump_recipe(run_recipe(run_dir)) != dump_recipe(recipe):
-            raise KdtoolError(f"sweep cell {run_dir} was run with another recipe than this sweep's; "
-                              f"use another --out (or remove that cell to run it again)")
-        return finished, "done before"
-    resume = (run_dir / LAST).exists()
-    result = distill(recipe, run_dir, resume=resume, overwrite=not resume, progress=progress)
-    return result, "resumed" if resume else "trained"
+def sweep_jobs(plan: SweepPlan, sweep_dir: Path) -> tuple[list[TeacherJob], list[CellJob]]:
+    """The plan as executor jobs: its teachers, and its cells each naming the planned teacher it waits for."""
+    teachers = [TeacherJob(directory, recipe) for directory, recipe in plan.teachers.items()]
+    planned = {str((job.directory / BEST).absolute()): job.directory for job in teachers}
+    cells = [CellJob(i, cell.name, recipe, sweep_dir / cell.name, planned.get(recipe.teacher.weights))
+             for i, (cell, recipe) in enumerate(zip(plan.cells, plan.recipes))]
+    return teachers, cells
 
 
-def _row(cell: Cell, result: dict, run_dir: Path) -> dict:
-    student = result.get("student", {})
-    return {**cell.values, "seed": cell.seed,
-            **{metric: student.get(metric.removeprefix("student_")) for metric in METRICS}, "run_dir": str(run_dir)}
+def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress: bool, keys: list[str]) -> list[dict]:
+    """Run the plan's teachers and cells on `executor`; each cell, as it ends, is shown and goes into the
+    reports (the cells finished so far, in grid order). The rows of every cell, in grid order."""
+    teachers, cells = sweep_jobs(plan, sweep_dir)
+    outcomes: dict[int, Outcome] = {}
+    bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
+
+    def report(outcome: Outcome) -> None:
+        outcomes[outcome.index] = outcome
+        bar.update()
+        name = cells[outcome.index].name
+        if outcome.failed:
+            tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: FAILED: {outcome.reason}")
+        else:
+            shown = ", ".join(f"{label}={_fmt(_metric(outcome.result, m))}" for m, label in METRICS.items())
+            tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: {shown} ({outcome.what})")
+        rows = [_row(plan.cells[i], outcomes[i], cells[i].run_dir) for i in sorted(outcomes)]
+        write_reports(rows, keys, sweep_dir)
+
+    for job in cells:  # before anything runs: a stale cell of another sweep is bad input, not a failed cell
+        finished_summary(job.recipe, job.run_dir)
+    EXECUTORS[executor.name](teachers, cells, executor, progress, report)
+    bar.close()
+    return [_row(cell, outcomes[i], job.run_dir) for i, (cell, job) in enumerate(zip(plan.cells, cells))]
+
+
+def _metric(result: Optional[dict], metric: str):
+    return (result or {}).get("student", {}).get(metric.removeprefix("student_"))
+
+
+def _row(cell: Cell, outcome: Outcome, run_dir: Path) -> dict:
+    return {**cell.values, "seed": cell.seed, **{metric: _metric(outcome.result, metric) for metric in METRICS},
+            "status": FAILED if outcome.failed else "ok", "reason": outcome.reason, "run_dir": str(run_dir)}
 
 
 def run_sweep(recipe_path, grid: Mapping, seeds: int, overrides=(), out: Optional[Path] = None,
-              progress: bool = True, teacher_home: Optional[Path] = None) -> list[dict]:
+              progress: bool = True, teacher_home: Optional[Path] = None,
+              executor: Optional[ExecutorConfig] = None) -> list[dict]:
     """Run every grid combination x seeds; write results, tables and plot into the sweep directory.
 
     `grid` maps a recipe key to its values, or an axis name to ``{label: {key: value, ...}}``.
-    Everything is checked before anything trains. Returns one row per cell: the axis values, the
-    seed, the student's best metrics (and its teacher's top-1), the run directory.
+    Everything is checked before anything trains. `executor` says where cells run (default:
+    serially in this process). Returns one row per cell: the axis values, the seed, the student's
+    best metrics (and its teacher's top-1), ``status`` ("ok" or "failed") with the failure's
+    one-line ``reason``, the run directory. A failed cell does not stop the others.
     """
     if seeds < 1:
         raise KdtoolError(f"--seeds must be >= 1, got {seeds}")
+    executor = executor or ExecutorConfig()
     base = load_recipe(recipe_path, overrides)
     sweep_dir = Path(out) if out is not None else Path("runs") / f"{base.name}-sweep"
     teacher_home = Path(teacher_home) if teacher_home is not None else sweep_dir
@@ -381,23 +401,14 @@ def run_sweep(recipe_path, grid: Mapping, seeds: int, overrides=(), out: Optiona
     check_plan(plan)
     for directory in dict.fromkeys([sweep_dir, teacher_home]):
         check_run_target(directory, kind=SWEEP_KIND)
-    rows = []
     with run_lock(sweep_dir):
         _claim_sweep_dir(sweep_dir)
         if teacher_home == sweep_dir:
             _check_same_teacher_setup(base, sweep_dir)
         else:
             save_recipe(base, sweep_dir / RECIPE_FILE)
-        train_teachers(plan, teacher_home, progress, shared=teacher_home != sweep_dir)
-        bar = tqdm(total=len(plan.cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
-        for done, (cell, recipe) in enumerate(zip(plan.cells, plan.recipes), 1):
-            result, what = run_cell(recipe, sweep_dir / cell.name, progress)
-            rows.append(_row(cell, result, sweep_dir / cell.name))
-            bar.update()
-            shown = ", ".join(f"{label}={_fmt(rows[-1][m])}" for m, label in METRICS.items())
-            tqdm.write(f"[{done}/{len(plan.cells)}] {cell.name}: {shown} ({what})")
-        bar.close()
-        write_reports(rows, list(normalise_grid(grid)), sweep_dir)
+        with claimed_teacher_home(plan, teacher_home, shared=teacher_home != sweep_dir):
+            rows = execute(plan, sweep_dir, executor, progress, list(normalise_grid(grid)))
     return rows
 
 
@@ -406,15 +417,17 @@ def _fmt(value) -> str:
 
 
 def summarise(rows: list[dict], keys=None) -> list[dict]:
-    """Per grid combination: n and mean/std (sample std; 0 for one seed) of each metric."""
+    """Per grid combination: n (cells that finished), failed (cells that did not) and mean/std
+    (sample std; 0 for one seed) of each metric over the finished cells."""
     if keys is None:
-        keys = [k for k in rows[0] if k not in ("seed", "run_dir", *METRICS)] if rows else []
+        keys = [k for k in rows[0] if k not in ("seed", "run_dir", "status", "reason", *METRICS)] if rows else []
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     table = []
     for combo, members in groups.items():
-        entry = {**dict(zip(keys, combo)), "n": len(members)}
+        failed = sum(m.get("status") == FAILED for m in members)
+        entry = {**dict(zip(keys, combo)), "n": len(members) - failed, "failed": failed}
         for metric in METRICS:
             values = [m[metric] for m in members if m.get(metric) is not None]
             entry[f"{metric}_mean"] = statistics.fmean(values) if values else None
@@ -424,18 +437,22 @@ def summarise(rows: list[dict], keys=None) -> list[dict]:
 
 
 def write_reports(rows: list[dict], keys: list[str], sweep_dir: Path) -> None:
-    """results.csv (per cell), table.csv and table.md (per combination), plot.png."""
+    """results.csv (per cell), table.csv and table.md (per combination, then each failed cell and why), plot.png."""
     table = summarise(rows, keys)
     _write_csv(sweep_dir / RESULTS_FILE, rows)
     _write_csv(sweep_dir / TABLE_CSV, table)
     header = [*keys, "n", *METRICS.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
-        cells = [_show(entry[k]) for k in keys] + [str(entry["n"])]
+        n = f"{entry['n']} + {entry['failed']} failed" if entry["failed"] else str(entry["n"])
+        cells = [_show(entry[k]) for k in keys] + [n]
         cells += [f"{_fmt(entry[m + '_mean'])} ± {_fmt(entry[m + '_std'])}" for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [row for row in rows if row.get("status") == FAILED]
+    if failed:
+        lines += ["", "Failed cells:", ""] + [f"- {Path(row['run_dir']).name}: {row['reason']}" for row in failed]
     write_text_atomic(sweep_dir / TABLE_MD, "\n".join(lines) + "\n")
-    plot_table(table, keys, sweep_dir / PLOT_FILE)
+    plot_table([entry for entry in table if entry["student_val_top1_mean"] is not None], keys, sweep_dir / PLOT_FILE)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -501,6 +518,7 @@ class SweepSpec(BaseModel):
     seeds: int = Field(1, ge=1, le=1000)
     set: dict[str, Any] = Field(default_factory=dict, description="fixed overrides, key.path: value")
     grid: dict[str, Union[list[Any], dict[str, dict[str, Any]]]] = Field(..., min_length=1)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where the cells run")
 
     def recipe_path(self, spec_path: Path) -> Path:
         return Path(spec_path).parent / self.recipe
@@ -524,9 +542,11 @@ def load_spec(path) -> SweepSpec:
 
 
 def run_spec(spec_path, *, seeds: Optional[int] = None, overrides=(), out: Optional[Path] = None,
-             progress: bool = True) -> list[dict]:
-    """Run the sweep a spec file describes; `seeds`, `overrides` (added last) and `out` replace its own."""
+             progress: bool = True, executor: Optional[Mapping] = None) -> list[dict]:
+    """Run the sweep a spec file describes; `seeds`, `overrides` (added last), `out` and `executor`
+    settings (e.g. ``{"name": "ray"}``) replace its own."""
     spec = load_spec(spec_path)
     teacher_home = Path(spec.teacher_home) if spec.teacher_home else None
     return run_sweep(spec.recipe_path(spec_path), spec.grid, seeds or spec.seeds, [*spec.overrides(), *overrides],
-                     Path(out) if out is not None else Path(spec.out), progress, teacher_home)
+                     Path(out) if out is not None else Path(spec.out), progress, teacher_home,
+                     executor_config(executor or {}, spec.executor))

@@ -8,7 +8,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import kdtool.sweep as sweep_module
 import kdtool.train as train_module
 from kdtool.cli import cli
 from kdtool.errors import KdtoolError
@@ -100,13 +99,13 @@ def test_teacher_is_trained_once_and_shared(finished_sweep):
 def test_rerun_skips_finished_cells_and_resumes_an_unfinished_one(finished_sweep, monkeypatch):
     out, rows = finished_sweep
     calls = []
-    real_distill = sweep_module.distill
+    real_distill = train_module.distill
 
     def counting_distill(recipe, run_dir, **kwargs):
         calls.append((Path(run_dir).name, kwargs["resume"]))
         return real_distill(recipe, run_dir, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "distill", counting_distill)
+    monkeypatch.setattr(train_module, "distill", counting_distill)
     real_fit = train_module.fit
 
     def fit_students_only(*args, **kwargs):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from kdtool.errors import CheckFailed, KdtoolError
+from kdtool.errors import CheckFailed, Interrupted, KdtoolError
 
 if TYPE_CHECKING:
     from kdtool.recipe import Recipe
@@ -41,6 +42,11 @@ def _printable(message: str, keep_newlines: bool) -> str:
     return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1] for c in message)
 
 
+def is_main_process() -> bool:
+    """Whether this is the first process of a multi-process launch (torchrun / accelerate launch set RANK), or alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def handle_errors(command):
     """Turn library errors (and OS errors on user paths) into one-line messages with exit codes."""
 
@@ -53,6 +59,11 @@ def handle_errors(command):
             if _debug_enabled(ctx):
                 raise
             code = getattr(exc, "exit_code", 2)
+            if isinstance(exc, Interrupted) and "RANK" in os.environ:  # one of several launched processes
+                # Saved and stopped: the launcher's SIGTERM while this process exits must not turn 143 into a kill.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if not is_main_process():
+                    ctx.exit(code)  # every rank stopped at the same step with the same message: the main one says it
             message = str(exc) if isinstance(exc, KdtoolError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
             click.secho(f"Error: {_printable(message, keep_newlines=isinstance(exc, CheckFailed))}", fg="red", err=True)
             ctx.exit(code)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from kdtool.cli.common import debug_option, handle_errors, read_recipe, recipe_options, set_option
+from kdtool.cli.common import debug_option, handle_errors, is_main_process, read_recipe, recipe_options, set_option
 
 
 @click.command()
@@ -29,6 +29,8 @@ def distill(recipe_path, overrides, seed, out, resume, overwrite, progress):
 
 
 def _print_summary(summary: dict) -> None:
+    if not is_main_process():  # under torchrun / accelerate launch every rank returns the summary
+        return
     for role in ("teacher", "student"):
         metrics = summary.get(role)
         if metrics:

@@ -37,6 +37,7 @@ from kdtool.rundir import (
 )
 from kdtool.train.loop import FitResult, evaluate, fit, train_one_epoch
 from kdtool.train.setup import build_accelerator, build_optimizer, lr_factor
+from kdtool.train.signals import StopRequest, stop_on_signals
 from kdtool.train.state import TrainState
 from kdtool.train.step import Teacher, TrainStep
 from kdtool.train.tracking import tracking
@@ -78,7 +79,7 @@ def _first_difference(a, b, prefix: str = "") -> str:
 
 
 def train_teacher(recipe: Recipe, teacher: nn.Module, datasets: Datasets, teacher_dir: Path, accelerator: Accelerator,
-                  *, resume: bool, progress: bool) -> None:
+                  *, resume: bool, progress: bool, stop: Optional[StopRequest] = None) -> None:
     """Train the teacher with cross-entropy into `teacher_dir` (nothing to do when it finished before),
     on batches normalised as the teacher asks (kdtool.preprocess)."""
     if is_finished(teacher_dir):
@@ -87,7 +88,7 @@ def train_teacher(recipe: Recipe, teacher: nn.Module, datasets: Datasets, teache
     loss_fn = build_loss(MethodConfig(name="vanilla"), recipe.teacher.train.label_smoothing)[0]
     fit(teacher, replace(datasets, info=own), loss_fn=loss_fn, train_cfg=recipe.teacher.train, data_cfg=recipe.data, runtime=recipe.runtime, accelerator=accelerator,
         out_dir=teacher_dir, seed=recipe.seed, train_views=build_train_views(recipe.teacher.augment.jda, recipe.seed),
-        resume=resume, label="teacher", progress=progress)
+        resume=resume, label="teacher", progress=progress, stop=stop)
 
 
 def _tracker_resume_step(run_dir: Path, recipe: Recipe) -> int:
@@ -125,15 +126,17 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
         resumed_at = _tracker_resume_step(run_dir, recipe) if resume else None
         with tracking(accelerator, recipe.name, recipe.model_dump(mode="json"), resumed_at):
             teacher_spec = Teacher(teacher, in_loss=needs_teacher, sees_views=recipe.augment.jda.teacher_sees_views)
-            summary = _train_stages(recipe, datasets, run_dir, accelerator, student, teacher_spec, loss_fn, train_views,
-                                    resume=resume, progress=progress)
+            with stop_on_signals() as stop:  # one request from the teacher's first step to the student's last
+                summary = _train_stages(recipe, datasets, run_dir, accelerator, student, teacher_spec, loss_fn,
+                                        train_views, stop, resume=resume, progress=progress)
         if accelerator.is_main_process:
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
         return summary
 
 
 def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator: Accelerator, student: nn.Module,
-                  teacher: Teacher, loss_fn: LossFn, train_views: TrainViews, *, resume: bool, progress: bool) -> dict:
+                  teacher: Teacher, loss_fn: LossFn, train_views: TrainViews, stop: StopRequest, *, resume: bool,
+                  progress: bool) -> dict:
     """Teacher (unless the recipe names its weights), then student; the summary of both.
 
     The student's batches are normalised for the student; the teacher maps them to its own normalisation."""
@@ -142,7 +145,8 @@ def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator
     teacher_steps = 0
     if recipe.teacher.weights is None:
         teacher_dir = run_dir / TEACHER_DIR
-        train_teacher(recipe, teacher.model, datasets, teacher_dir, accelerator, resume=resume, progress=progress)
+        train_teacher(recipe, teacher.model, datasets, teacher_dir, accelerator, resume=resume, progress=progress,
+                      stop=stop)
         summary["teacher"] = read_state(teacher_dir / BEST)["metrics"]
         teacher_steps = read_state(teacher_dir / LAST)["step"]
         teacher = replace(teacher, model=load_teacher(run_dir, recipe, datasets.info))
@@ -152,6 +156,6 @@ def _train_stages(recipe: Recipe, datasets: Datasets, run_dir: Path, accelerator
         student_data = replace(datasets, info=with_normalization(datasets.info, plan.student))
         fit(student, student_data, loss_fn=loss_fn, train_cfg=recipe.train, data_cfg=recipe.data, runtime=recipe.runtime,
             accelerator=accelerator, out_dir=run_dir, seed=recipe.seed, teacher=teacher, train_views=train_views,
-            resume=resume, label="student", progress=progress, log_step_offset=teacher_steps)
+            resume=resume, label="student", progress=progress, log_step_offset=teacher_steps, stop=stop)
     summary["student"] = read_state(run_dir / BEST)["metrics"]
     return summary

@@ -5,6 +5,7 @@ signal handling in `signals`, tracker logging in `tracking`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from kdtool.train.setup import build_optimizer, build_scheduler, epoch_seed
 from kdtool.train.signals import StopRequest, interrupted, stop_on_signals
 from kdtool.train.state import TrainState, diverged, restore_rng, resume_state, rng_snapshot, save_state, start_fresh
 from kdtool.train.step import Teacher, TrainStep
+from kdtool.train.sync_bn import sync_batchnorm
 from kdtool.train.tracking import log_values
 
 
@@ -91,7 +93,8 @@ def train_one_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: Tra
     loaders.train.set_epoch(state.epoch)
     loaders.train_set.set_epoch(state.epoch)  # Accelerate forwards set_epoch to the dataset on one process only
     skip = resumed.get("batches", 0)
-    run = EpochRun({name: torch.tensor(value, device=device) for name, value in resumed.get("sums", {}).items()}, skip)
+    run = EpochRun({name: torch.tensor(resumed_sum(value, accelerator), device=device)
+                    for name, value in resumed.get("sums", {}).items()}, skip)
     if loaders.unreadable_train is not None:
         loaders.unreadable_train.zero_()
         loaders.unreadable_train[resumed.get("unreadable_images", [])] = True
@@ -117,6 +120,17 @@ def train_one_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: Tra
             break
     bar.close()
     return run
+
+
+def resumed_sum(saved, accelerator: Accelerator) -> float:
+    """This process's share of a loss sum a mid-epoch checkpoint saved (one per process; a single number before).
+
+    With another number of processes than saved, the main process carries the whole sum."""
+    if not isinstance(saved, list):
+        return saved
+    if len(saved) == accelerator.num_processes:
+        return saved[accelerator.process_index]
+    return sum(saved) if accelerator.is_main_process else 0.0
 
 
 def check_step(parts: dict, trainer: TrainStep, plan: Plan, state: TrainState, bar, to_trackers: bool) -> None:
@@ -160,6 +174,8 @@ def end_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: TrainStat
     accelerator = trainer.accelerator
     finished = state.epoch + 1 == plan.epochs or state.step >= plan.total_steps
     record = {"stage": plan.label, "epoch": state.epoch + 1, "step": state.step, "lr": trainer.scheduler.get_last_lr()[0]}
+    # The world size every process saw (a launcher that started fewer processes than asked shows here).
+    record["world_sizes"] = accelerator.gather(torch.tensor([accelerator.num_processes], device=accelerator.device)).tolist()
     # Each process summed its share of every batch; the record holds the mean over all of them.
     record.update({f"train_{k}": (accelerator.reduce(v, "mean") / run.batches).item() for k, v in run.sums.items()})
     if loaders.unreadable_train is not None:
@@ -182,8 +198,9 @@ def end_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: TrainStat
 
 def save_mid_epoch(trainer: TrainStep, loaders: Loaders, plan: Plan, state: TrainState, run: EpochRun) -> None:
     """Checkpoint an epoch a signal stopped: where it stopped, its loss sums so far and torch's RNG."""
-    mid_epoch = {"batches": run.batches, "sums": {k: v.item() for k, v in run.sums.items()},
-                 "rng": rng_snapshot(trainer.accelerator.device)}
+    # Every process's own sums (the epoch's record averages them), so each resumes from its own.
+    sums = {k: trainer.accelerator.gather(v.reshape(1)).tolist() for k, v in run.sums.items()}
+    mid_epoch = {"batches": run.batches, "sums": sums, "rng": rng_snapshot(trainer.accelerator.device)}
     if loaders.unreadable_train is not None:
         mid_epoch["unreadable_images"] = loaders.unreadable_train.nonzero().flatten().tolist()
     save_state(plan.out_dir, trainer, state, {"epoch": state.epoch, "mid_epoch": mid_epoch, "finished": False,
@@ -219,8 +236,8 @@ def prepare(model: nn.Module, datasets: Datasets, loss_fn: LossFn, *, train_cfg:
         raise KdtoolError(f"data.batch_size: {data_cfg.batch_size} is larger than the {len(datasets.train)} training images")
     set_seed(seed)  # the sampler's base seed is read from torch's seed in prepare()
     model = model.to(memory_format=memory_format)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if runtime.sync_batchnorm and accelerator.num_processes > 1:
+        model = sync_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, train_cfg.optimizer)
     steps_per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
     scheduler = build_scheduler(optimizer, train_cfg, steps_per_epoch)
@@ -238,11 +255,13 @@ def prepare(model: nn.Module, datasets: Datasets, loss_fn: LossFn, *, train_cfg:
 def fit(model: nn.Module, datasets: Datasets, *, loss_fn: LossFn, train_cfg: TrainConfig, data_cfg: DataConfig,
         runtime: RuntimeConfig, accelerator: Accelerator, out_dir: Path, seed: int, teacher: Optional[Teacher] = None,
         train_views: Optional[TrainViews] = None, resume: bool = False, label: str = "student", progress: bool = True,
-        log_step_offset: int = 0) -> FitResult:
+        log_step_offset: int = 0, stop: Optional[StopRequest] = None) -> FitResult:
     """Train `model` with `loss_fn`, evaluating, logging and checkpointing into `out_dir`.
 
     `resume` continues from `out_dir/last` when there is one. SIGINT/SIGTERM save a checkpoint at
-    the next step boundary and raise `Interrupted`; a non-finite loss or weights raise `CheckFailed`.
+    the next step boundary and raise `Interrupted` on every process at the same step; `stop` is the
+    caller's `stop_on_signals` request when its handlers span more than this fit (None: this fit's
+    own). A non-finite loss or weights raise `CheckFailed`.
     """
     out_dir = Path(out_dir)
     trainer, loaders = prepare(model, datasets, loss_fn, train_cfg=train_cfg, data_cfg=data_cfg, runtime=runtime,
@@ -255,17 +274,20 @@ def fit(model: nn.Module, datasets: Datasets, *, loss_fn: LossFn, train_cfg: Tra
     else:
         state = start_fresh(out_dir, accelerator.is_main_process)
     teacher_val = teacher_reference(trainer.teacher, loaders, trainer, runtime)
-    with stop_on_signals() as stop:
+    with contextlib.nullcontext(stop) if stop is not None else stop_on_signals() as stop:
         while state.epoch < plan.epochs and state.step < plan.total_steps:
             started = time.perf_counter()
             run = train_one_epoch(trainer, loaders, plan, state, stop)
             if run.stopped and run.batches < batches:
                 save_mid_epoch(trainer, loaders, plan, state, run)
+                accelerator.wait_for_everyone()  # no process leaves (and its launcher stops the rest) before the save
                 raise interrupted(stop.signum, label, f"at epoch {state.epoch + 1}, batch {run.batches}/{batches}",
                                   state.step, str(out_dir / LAST))
             end_epoch(trainer, loaders, plan, state, run, runtime=runtime, eval_every=train_cfg.eval_every,
                       teacher_val=teacher_val, started=started)
             if stop.agreed(accelerator):
                 raise interrupted(stop.signum, label, f"after epoch {state.epoch}", state.step, str(out_dir / LAST))
+        if stop.agreed(accelerator):  # a signal after the last epoch's check: the run is saved, stop before the next
+            raise interrupted(stop.signum, label, "at its end", state.step, str(out_dir / LAST))
     best = read_state(out_dir / BEST) if (out_dir / BEST).exists() else {}
     return FitResult(best=best.get("metrics", {}), last=state.last_record, out_dir=out_dir)

@@ -27,14 +27,17 @@ class StopRequest:
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Turn SIGINT/SIGTERM into a `StopRequest` for the block; a second signal stops at once, unsaved."""
+    """Turn SIGINT/SIGTERM into a `StopRequest` for the block; a second SIGINT stops at once, unsaved.
+
+    A repeated SIGTERM is ignored: under a scheduler every rank gets one from the scheduler and another
+    from its launcher (torchrun forwards the one it gets), and the save must not be cut short by it."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield request
         return
 
     def handler(signum, _frame):
-        if request.signum:
+        if request.signum and signum == signal.SIGINT:
             raise Interrupted(f"stopped by a second {signal.Signals(signum).name} before saving; "
                               "--resume continues from the last checkpoint", signum)
         request.signum = signum

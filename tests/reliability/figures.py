@@ -84,6 +84,26 @@ FAULTS = {
                    "`--out` onto a run or a user's directory, a stale cell of another recipe, malformed spec files",
                    "refused before any training with one line naming the culprit, exit 2; nothing of the user's "
                    "touched", "test_sweep_faults.py"),
+    "sweep_worker_kill": Fault("a Ray worker SIGKILLed in the middle of a sweep cell (local Ray, 2 CPUs)",
+                               "Ray runs the cell again; it resumes from the cell's checkpoint and ends equal to the "
+                               "serial executor's cell; the table equals the serial table",
+                               "test_sweep_executors.py::test_a_worker_killed_mid_cell_is_retried_and_resumes"),
+    "sweep_cell_fails": Fault("a sweep cell that fails while training (diverging loss), on the serial and the Ray "
+                              "executor; the ray executor without Ray installed",
+                              "the cell named with its one-line reason in table.md and results.csv, the others "
+                              "finish, table/CSV/plot written, exit 1; no Ray: one line naming the extra, exit 2",
+                              "test_sweep_executors.py::test_a_failing_cell_is_named_while_the_others_finish"),
+    "sweep_ctrl_c": Fault("Ctrl-C (SIGINT) to `kdtool sweep --executor ray` while cells run",
+                          "outstanding tasks cancelled, exit 130 in one line; finished cells intact and reused by "
+                          "the next run", "test_sweep_executors.py::test_ctrl_c_cancels_outstanding_cells_and_keeps_finished_ones"),
+    "rank_sigterm": Fault("SIGTERM to every rank of `torchrun --nproc_per_node 2 -m kdtool.cli distill` (and to "
+                          "torchrun), as a scheduler's pre-emption sends it, in the teacher's and the student's stage",
+                          "one checkpoint at the step all ranks agreed on, one stop line, each rank exits 143; "
+                          "`--resume` on two ranks ends bit-identical to an uninterrupted two-rank run",
+                          "test_ranks.py::test_sigterm_to_every_rank_saves_once_and_resume_ends_equal"),
+    "rank_sigkill": Fault("one rank of a two-rank `kdtool distill` SIGKILLed",
+                          "the job ends within 60 s (no collective hang); `--resume` ends bit-identical to an "
+                          "uninterrupted two-rank run", "test_ranks.py::test_sigkill_of_one_rank_ends_the_job_quickly_and_resume_continues"),
     "weights": Fault("bad weights files as `teacher.weights` / `student.weights`: empty, truncated, random bytes, "
                      "pickled code (torch zip, raw, under a .safetensors name), non-tensors, NaN weights, a FIFO, a "
                      "directory without a checkpoint, another class count or architecture",
