@@ -363,7 +363,7 @@ def test_files_the_accelerator_cannot_decode_fall_back_to_the_cpu(tmp_path):
             raise RuntimeError("nvjpeg refused it")
         return decode_jpegs(encoded, device)
 
-    cpu = torch.cat([torch.from_numpy(np.asarray(train.folder.loader(path))).reshape(-1) for path, _ in train.folder.samples])
+    cpu = torch.cat([torch.from_numpy(np.array(train.folder.loader(path))).reshape(-1) for path, _ in train.folder.samples])
     assert torch.equal(decode_on_device(batch, torch.device("cpu"), decode_fallback(train), refuses_grey), cpu)
     n_encoded = len(batch["encoded_length"])
     assert calls == [n_encoded] + [1] * n_encoded and n_encoded >= 2
