@@ -420,12 +420,14 @@ def _decode_bytes(data: bytes) -> Image.Image:
         return _check_pixels(opened).convert("RGB")
 
 
-def accelerator_takes(image: Image.Image) -> bool:
-    """Whether a file opened by Pillow (header only) is a JPEG the accelerator decodes: baseline
-    (not progressive), RGB (YCbCr) or grey. CMYK/YCCK, progressive and non-JPEG files are decoded
-    on the CPU (nvJPEG's hardware decoder takes baseline only; torchvision's CUDA decoder takes
-    no CMYK)."""
-    return image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive")
+def accelerator_takes(image: Image.Image, data: bytes) -> bool:
+    """Whether a file (its bytes, and opened by Pillow: the header only) is a JPEG the accelerator
+    decodes: baseline (not progressive), RGB (YCbCr) or grey, ending with its end-of-image marker.
+    CMYK/YCCK, progressive and non-JPEG files are decoded on the CPU (nvJPEG's hardware decoder
+    takes baseline only; torchvision's CUDA decoder takes no CMYK), and so are files cut short (no
+    end marker), which Pillow refuses as the CPU path does."""
+    return (image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive")
+            and data.endswith(b"\xff\xd9"))
 
 
 def _read_for_the_accelerator(path: str) -> dict:
@@ -435,7 +437,7 @@ def _read_for_the_accelerator(path: str) -> dict:
         data = handle.read()
     with Image.open(io.BytesIO(data)) as opened:  # the header only
         _check_pixels(opened)
-        if accelerator_takes(opened):
+        if accelerator_takes(opened, data):
             return {"encoded": np.frombuffer(data, dtype=np.uint8), "extent": (opened.height, opened.width)}
     return {"pixels": np.asarray(_decode_bytes(data))}
 

@@ -291,7 +291,8 @@ def test_canvases_stay_under_the_pixel_budget_and_long_images_turn_alone(monkeyp
 def write_decode_folder(root, corrupt=False):
     """train/val of mixed-size images, and in train/cat the files `data.decode: accelerator` must
     route: a baseline RGB JPEG, a grey JPEG, a CMYK JPEG, a progressive JPEG, a PNG and (with
-    `corrupt`) a JPEG whose header is sound but whose data stops half way."""
+    `corrupt`) a JPEG cut in half and a JPEG whose header and end marker are sound but that holds
+    no scan (no decoder can read it)."""
     write_mixed_imagefolder(root)
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
@@ -304,6 +305,7 @@ def write_decode_folder(root, corrupt=False):
     if corrupt:
         whole = (folder / "a_rgb.jpg").read_bytes()
         (folder / "f_truncated.jpg").write_bytes(whole[: len(whole) // 2])
+        (folder / "g_noscan.jpg").write_bytes(whole[:whole.index(b"\xff\xda")] + b"\xff\xd9")
     return root
 
 
@@ -313,12 +315,16 @@ def _decode_train(root, decode="accelerator", bad_images="fail"):
 
 
 def test_accelerator_decoding_routes_jpegs_by_their_header(tmp_path):
-    _, train = _decode_train(write_decode_folder(tmp_path, corrupt=True))
-    routed = {Path(path).name: "encoded" in train.joint_sample(i)[0] for i, (path, _) in enumerate(train.folder.samples)}
-    assert {name: routed[name] for name in ("a_rgb.jpg", "b_grey.jpg", "c_cmyk.jpg", "d_progressive.jpg",
-                                            "e_png.jpg", "f_truncated.jpg", "1.png")} == {
-        "a_rgb.jpg": True, "b_grey.jpg": True, "c_cmyk.jpg": False, "d_progressive.jpg": False, "e_png.jpg": False,
-        "f_truncated.jpg": True, "1.png": False}
+    _, train = _decode_train(write_decode_folder(tmp_path, corrupt=True), bad_images="skip")
+    names = [Path(path).name for path, _ in train.folder.samples]
+    samples = {name: train.joint_sample(i)[0] for i, name in enumerate(names)}
+    routed = {name: "encoded" in samples[name] for name in ("a_rgb.jpg", "b_grey.jpg", "c_cmyk.jpg", "d_progressive.jpg",
+                                                              "e_png.jpg", "g_noscan.jpg", "1.png")}
+    assert routed == {"a_rgb.jpg": True, "b_grey.jpg": True, "c_cmyk.jpg": False, "d_progressive.jpg": False,
+                      "e_png.jpg": False, "g_noscan.jpg": True, "1.png": False}
+    # The file cut short (no end marker) was decoded in the worker, which skipped it as today: the next file came instead.
+    assert samples["f_truncated.jpg"]["index"] == names.index("g_noscan.jpg")
+    assert train.skipped == 1 and bool(train.unreadable[names.index("f_truncated.jpg")])
     index = [Path(path).name for path, _ in train.folder.samples].index("a_rgb.jpg")
     sample, label = train.joint_sample(index)
     assert sample["index"] == index and tuple(sample["extent"]) == (23, 31) and label == 0
@@ -375,19 +381,20 @@ def test_corrupt_jpegs_on_the_accelerator_fail_or_are_skipped_and_counted(tmp_pa
     from kdtool.data import collate_samples, decode_fallback, decode_on_device
 
     root = write_decode_folder(tmp_path, corrupt=True)
+    (root / "train" / "cat" / "f_truncated.jpg").unlink()  # the worker's own case (tests above)
     for bad_images in ("fail", "skip"):
         cfg, train = _decode_train(root, bad_images=bad_images)
         names = [Path(path).name for path, _ in train.folder.samples]
         batch, labels = collate_samples([train.joint_sample(i) for i in range(len(train))])
         if bad_images == "fail":
-            with pytest.raises(KdtoolError, match="unreadable image .*f_truncated.jpg.*data.bad_images"):
+            with pytest.raises(KdtoolError, match="unreadable image .*g_noscan.jpg.*data.bad_images"):
                 decode_on_device(batch, torch.device("cpu"), decode_fallback(train))
             continue
         pixels = decode_on_device(batch, torch.device("cpu"), decode_fallback(train))
-        assert train.skipped == 1 and bool(train.unreadable[names.index("f_truncated.jpg")])
+        assert train.skipped == 1 and bool(train.unreadable[names.index("g_noscan.jpg")])
         hw = batch["extent"].numpy()
         offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)])
-        row = names.index("f_truncated.jpg")
+        row = names.index("g_noscan.jpg")
         assert len(pixels) == offsets[-1] and len(labels) == len(names)
         assert bool((pixels[offsets[row]:offsets[row + 1]] == 128).all())  # replaced by grey of its size, label kept
 

@@ -107,7 +107,8 @@ def test_jpegs_decoded_on_cuda_stay_within_the_documented_tolerance_of_pillow(tm
 
 
 def test_corrupt_jpeg_on_cuda_falls_back_and_is_counted(tmp_path):
-    """A JPEG cut in half: nvJPEG refuses it, Pillow too, and data.bad_images skip counts it."""
+    """A JPEG with no scan: nvJPEG refuses it, Pillow too, and data.bad_images skip counts it (with
+    the JPEG cut in half, which the worker decoded on the CPU and skipped)."""
     from test_data import _decode_train, write_decode_folder
 
     from kdtool.data import collate_samples, decode_fallback, decode_on_device
@@ -116,4 +117,5 @@ def test_corrupt_jpeg_on_cuda_falls_back_and_is_counted(tmp_path):
     batch, _ = collate_samples([train.joint_sample(i) for i in range(len(train))])
     pixels = decode_on_device(batch, torch.device("cuda"), decode_fallback(train))
     assert pixels.is_cuda and len(pixels) == int((batch["extent"][:, 0] * batch["extent"][:, 1]).sum()) * 3
-    assert train.skipped == 1
+    names = [path.rsplit("/", 1)[-1] for path, _ in train.folder.samples]
+    assert train.skipped == 2 and bool(train.unreadable[names.index("g_noscan.jpg")])
