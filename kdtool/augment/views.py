@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kdtool.augment.chain import _SLOTS_PER_VIEW, JointAugment, build_jda, crop_flip, key_uniforms
-from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil
+from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil, pil_planes
 from kdtool.data import MAX_IMAGE_PIXELS, decode_fallback, decode_on_device
 from kdtool.errors import KdtoolError
 
@@ -61,7 +61,7 @@ class LoaderViews:
         uniforms = np.concatenate([_view_uniforms(keys, view) for view in range(1 + self.views)])
         pictures = [image]
         if self.views:
-            full = torch.from_numpy(np.stack([np.asarray(plane) for plane in image.split()]))  # (C, H, W)
+            full = pil_planes(image)  # (C, H, W)
             pictures += [_planes_to_pil(self.augment.apply_u8(full[None], chain_params(self.augment, u[None]))[0])
                          for u in uniforms[1:]]
         boxes = crop_boxes(uniforms[:, _CROP_FIRST_SLOT:], [p.height for p in pictures], [p.width for p in pictures])
