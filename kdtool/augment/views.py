@@ -59,11 +59,11 @@ class LoaderViews:
     def __call__(self, image: Image.Image, key: int, size: int) -> torch.Tensor:
         keys = np.array([key], dtype=np.int64)
         uniforms = np.concatenate([_view_uniforms(keys, view) for view in range(1 + self.views)])
-        pictures = [image]
-        if self.views:
-            full = pil_planes(image)  # (C, H, W)
-            pictures += [_planes_to_pil(self.augment.apply_u8(full[None], chain_params(self.augment, u[None]))[0])
-                         for u in uniforms[1:]]
+        params = [chain_params(self.augment, u[None]) for u in uniforms[1:]]
+        # A view on which no op fires is the image itself (p 0: the two-view baseline).
+        full = pil_planes(image) if any(bool(p.fire.any()) for p in params) else None  # (C, H, W)
+        pictures = [image] + [_planes_to_pil(self.augment.apply_u8(full[None], p)[0]) if bool(p.fire.any()) else image
+                              for p in params]
         boxes = crop_boxes(uniforms[:, _CROP_FIRST_SLOT:], [p.height for p in pictures], [p.width for p in pictures])
         return torch.stack([crop_resize_pil(picture, box, size, bool(u[2] < 0.5))
                             for picture, box, u in zip(pictures, boxes, uniforms)])
