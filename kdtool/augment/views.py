@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from kdtool.augment.chain import _SLOTS_PER_VIEW, JointAugment, build_jda, crop_flip, key_uniforms
-from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil, pil_planes
+from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil
 from kdtool.data import MAX_IMAGE_PIXELS, decode_fallback, decode_on_device
 from kdtool.errors import KdtoolError
 
@@ -61,7 +61,8 @@ class LoaderViews:
         uniforms = np.concatenate([_view_uniforms(keys, view) for view in range(1 + self.views)])
         params = [chain_params(self.augment, u[None]) for u in uniforms[1:]]
         # A view on which no op fires is the image itself (p 0: the two-view baseline).
-        full = pil_planes(image) if any(bool(p.fire.any()) for p in params) else None  # (C, H, W)
+        full = (torch.from_numpy(np.stack([np.asarray(plane) for plane in image.split()]))  # (C, H, W)
+                if any(bool(p.fire.any()) for p in params) else None)
         pictures = [image] + [_planes_to_pil(self.augment.apply_u8(full[None], p)[0]) if bool(p.fire.any()) else image
                               for p in params]
         boxes = crop_boxes(uniforms[:, _CROP_FIRST_SLOT:], [p.height for p in pictures], [p.width for p in pictures])
