@@ -11,6 +11,9 @@ dataset's random transform drawn anew for the original and for each view; kdtool
 - images of differing sizes (ImageFolder), views made on the accelerator: ``{"pixels": decoded
   uint8 numpy (h, w, 3), "key": int, "size": S}``, which :func:`collate_samples` packs one after the
   other with each image's (h, w) as ``"extent"``: the workers only read and decode;
+  with ``data.decode: accelerator``, a JPEG the accelerator can decode comes as ``{"encoded": its
+  bytes, "extent": (h, w) from its header, "index", "key", "size"}`` instead (the worker only reads
+  it), decoded batched on the training device by :func:`decode_on_device`;
 - the same, views made in the loader (``augment.jda.device: loader``, the default without CUDA):
   ``{"views": uint8 (1 + V, 3, S, S)}``, made by the `in_loader` callable on the decoded image.
 
@@ -365,7 +368,7 @@ class CheckedImageFolder(Dataset):
             raise KdtoolError(f"unreadable image {path}: {exc} (set data.bad_images: skip to skip such files)") from None
         self.unreadable[index] = True
 
-    def _load(self, index: int, read: Callable[[str], object] = None) -> tuple[object, int, int]:
+    def _load(self, index: int, read: Optional[Callable[[str], object]] = None) -> tuple[object, int, int]:
         """`read`(path) of the file at `index` (default: the decoded image), its label and the index
         it came from; with bad_images 'skip', of the next readable file."""
         for _ in range(len(self.folder)):
@@ -618,20 +621,22 @@ def decode_on_device(batch: dict, device: torch.device, fallback: Optional[Calla
     hw = batch["extent"].cpu().numpy()
     rows, indices = batch["encoded_row"].cpu().tolist(), batch["encoded_index"].cpu().tolist()
     encoded = list(torch.split(batch["encoded"].cpu(), batch["encoded_length"].cpu().tolist()))
-    images = dict(zip(rows, _decode_each(encoded, hw[rows], device, decode)))
+    decoded = _decode_each(encoded, hw[rows], device, decode)
+    position = {row: k for k, row in enumerate(rows)}
     parts, offset = [], 0
     for row, (h, w) in enumerate(hw):
-        if row not in images:
+        if row not in position:
             parts.append(pixels[offset:offset + h * w * 3])
             offset += h * w * 3
             continue
-        image = images[row]
+        k = position[row]
+        image = decoded[k]
         if image is None:
-            k = rows.index(row)
             if fallback is None:
                 raise KdtoolError(f"training image {indices[k]}: the accelerator could not decode it (no CPU fallback given)")
             cpu = fallback(indices[k], encoded[k].numpy())
-            image = torch.from_numpy(cpu).to(device) if cpu is not None else torch.full((h, w, 3), 128, dtype=torch.uint8, device=device)
+            grey = torch.full((h, w, 3), 128, dtype=torch.uint8, device=device)  # skipped: its rows, label and key kept
+            image = torch.from_numpy(cpu).to(device) if cpu is not None else grey
         parts.append(image.reshape(-1))
     return torch.cat(parts)
 
