@@ -13,13 +13,16 @@ worker's share of one core), originals per second and ms of CPU per original:
     loader path             decode + LoaderViews (augment.jda.device: loader, the CPU default)
     loader side             decode + hand over (what workers do with augment.jda.device:
                             accelerator): the decoded array, packed by collate_samples
+    loader side, bytes      what workers do with data.decode: accelerator: read the header (no
+                            decode), hand over the JPEG's bytes, packed by collate_samples
     device side (CPU)       differing_size_views on that packed batch (chain + crops), on the CPU
 
 Targets: loader side <= 1.5 x decode only; on a CPU-only machine the sample path (loader path)
 not slower than in-loader JDA before. With CUDA, also: the device side on CUDA for a batch of 256
 at 224 (originals/s; aim >= 10,000 on an H100) and the step time of the ImageNet recipe's models
 (ResNet-50 teacher, MobileNetV2 student, bf16, channels_last) fed by views made in the loader
-(copied to the GPU) against views made on the GPU from the packed decoded images.
+(copied to the GPU) against views made on the GPU from the packed decoded images, and the JPEGs
+decoded on the GPU in one batch (nvJPEG, `data.decode: accelerator`).
 
     python benchmarks/jda_imagenet_path.py --images 48 --repeats 3
 """
@@ -38,7 +41,7 @@ from torchvision.transforms import v2
 from jda_throughput import interleaved_medians, load_average
 from kdtool.augment import JointAugment, TrainViews, differing_size_views, key_uniforms
 from kdtool.augment.views import chain_params
-from kdtool.data import collate_samples
+from kdtool.data import accelerator_takes, collate_samples, decode_jpegs
 
 SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480))  # (width, height)
 CROP = 224
@@ -80,6 +83,15 @@ def before_in_loader(aug: JointAugment):
     return one
 
 
+def hand_over_bytes(data: bytes, key: int):
+    """A worker's sample with data.decode: accelerator: the header checked, the bytes handed over."""
+    with Image.open(io.BytesIO(data)) as opened:
+        if not accelerator_takes(opened, data):
+            raise ValueError("a benchmark JPEG the accelerator would not take")
+        extent = (opened.height, opened.width)
+    return {"encoded": np.frombuffer(data, dtype=np.uint8), "extent": extent, "index": key, "key": key, "size": CROP}, 0
+
+
 def cpu_rows(jpegs: list[bytes], repeats: int) -> list[tuple[str, float]]:
     aug = JointAugment("imagenet")
     plain = transforms.Compose([transforms.RandomResizedCrop(CROP), transforms.RandomHorizontalFlip(),
@@ -95,6 +107,7 @@ def cpu_rows(jpegs: list[bytes], repeats: int) -> list[tuple[str, float]]:
         ("loader path", lambda: [loader_views(decode(d), k, CROP) for k, d in enumerate(jpegs)]),
         ("loader side", lambda: collate_samples([({"pixels": np.asarray(decode(d)), "key": k, "size": CROP}, 0)
                                                  for k, d in enumerate(jpegs)])),
+        ("loader side, bytes", lambda: collate_samples([hand_over_bytes(d, k) for k, d in enumerate(jpegs)])),
         ("device side (CPU)", lambda: differing_size_views(packed["pixels"], packed["extent"].numpy(),
                                                            packed["key"].numpy(), aug, 1, CROP)),
     ]
@@ -127,10 +140,18 @@ def gpu_rows(jpegs: list[bytes], batch: int, repeats: int) -> list[tuple[str, fl
     chain_and_crops()
     print(f"device side (CUDA), batch {batch}: peak memory {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB "
           f"above the packed images ({pixels.numel() / 2**20:.0f} MiB)")
-    t_views, t_loader, t_gpu = interleaved_medians([chain_and_crops, from_loader, on_gpu], repeats)
+    encoded = [torch.frombuffer(bytearray(jpegs[i % len(jpegs)]), dtype=torch.uint8) for i in range(batch)]
+
+    def nvjpeg():  # data.decode: accelerator
+        out = decode_jpegs(encoded, device)
+        torch.cuda.synchronize()
+        return out
+
+    t_views, t_loader, t_gpu, t_decode = interleaved_medians([chain_and_crops, from_loader, on_gpu, nvjpeg], repeats)
     return [(f"device side (CUDA), batch {batch}", t_views / batch),
             (f"step, views from the loader, batch {batch}", t_loader),
-            (f"step, views made on the GPU, batch {batch}", t_gpu)]
+            (f"step, views made on the GPU, batch {batch}", t_gpu),
+            (f"decode on CUDA (nvJPEG, data.decode: accelerator), batch {batch}", t_decode / batch)]
 
 
 def _training_step(device: torch.device):
@@ -175,6 +196,7 @@ def main() -> None:
         print(f"{name:<40} {1 / seconds:>12.0f} {1000 * seconds:>12.2f}")
     decode_only = rows["decode only"]
     print(f"\nratio loader side / decode only = {rows['loader side'] / decode_only:.2f} (target <= 1.5)")
+    print(f"ratio loader side with data.decode: accelerator / decode only = {rows['loader side, bytes'] / decode_only:.2f}")
     print(f"ratio CPU-only sample path: loader path vs in-loader JDA before = "
           f"{rows['in-loader JDA (before)'] / rows['loader path']:.2f}x as fast (target >= 1)")
     print(f"ratio loader side + device side (CPU) vs in-loader JDA before = "
@@ -183,11 +205,12 @@ def main() -> None:
         print(f"\nCUDA: {torch.cuda.get_device_name()}")
         gpu = gpu_rows(jpegs, args.gpu_batch, args.repeats)
         print(f"{gpu[0][0]}: {1 / gpu[0][1]:.0f} originals/s (aim >= 10,000 on an H100)")
-        for name, seconds in gpu[1:]:
+        for name, seconds in gpu[1:3]:
             print(f"{name}: {1000 * seconds:.1f} ms")
+        print(f"{gpu[3][0]}: {1 / gpu[3][1]:.0f} originals/s ({rows['decode only'] / gpu[3][1]:.1f}x one core's Pillow)")
         print(f"ratio step time, GPU views / loader views = {gpu[2][1] / gpu[1][1]:.2f}")
     else:
-        print("\nno CUDA here: the GPU rows (device side at batch 256, step times) were not measured")
+        print("\nno CUDA here: the GPU rows (device side at batch 256, step times, nvJPEG decode) were not measured")
     print(f"after the runs: {load_average()}")
 
 

@@ -11,6 +11,9 @@ dataset's random transform drawn anew for the original and for each view; kdtool
 - images of differing sizes (ImageFolder), views made on the accelerator: ``{"pixels": decoded
   uint8 numpy (h, w, 3), "key": int, "size": S}``, which :func:`collate_samples` packs one after the
   other with each image's (h, w) as ``"extent"``: the workers only read and decode;
+  with ``data.decode: accelerator``, a JPEG the accelerator can decode comes as ``{"encoded": its
+  bytes, "extent": (h, w) from its header, "index", "key", "size"}`` instead (the worker only reads
+  it), decoded batched on the training device by :func:`decode_on_device`;
 - the same, views made in the loader (``augment.jda.device: loader``, the default without CUDA):
   ``{"views": uint8 (1 + V, 3, S, S)}``, made by the `in_loader` callable on the decoded image.
 
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import builtins
 import codecs
+import io
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -334,7 +339,7 @@ class CheckedImageFolder(Dataset):
     `transform` takes a PIL image or a uint8 tensor to uint8 (3, S, S); `size` is S.
     """
 
-    def __init__(self, root: Path, transform: Callable, bad_images: str, size: int):
+    def __init__(self, root: Path, transform: Callable, bad_images: str, size: int, decode: str = "cpu"):
         try:
             self.folder = _folder_reader()(str(root))
         except FileNotFoundError as exc:
@@ -345,7 +350,7 @@ class CheckedImageFolder(Dataset):
             raise KdtoolError(f"data.root: {root}: {exc}") from None
         except RuntimeError as exc:
             raise KdtoolError(f"data.root: {root}: {exc}") from None
-        self.transform, self.bad_images, self.size = transform, bad_images, size
+        self.transform, self.bad_images, self.size, self.decode = transform, bad_images, size, decode
         self.unreadable = torch.zeros(len(self.folder), dtype=torch.bool).share_memory_()
         self.classes, self.targets = self.folder.classes, self.folder.targets
 
@@ -357,34 +362,87 @@ class CheckedImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        """The decoded image at `index` and its label; with bad_images 'skip', the next readable one."""
+    def _unreadable(self, index: int, path: str, exc: Exception) -> None:
+        """bad_images 'fail': the KdtoolError naming the file; 'skip': the file flagged."""
+        if self.bad_images == "fail":
+            raise KdtoolError(f"unreadable image {path}: {exc} (set data.bad_images: skip to skip such files)") from None
+        self.unreadable[index] = True
+
+    def _load(self, index: int, read: Optional[Callable[[str], object]] = None) -> tuple[object, int, int]:
+        """`read`(path) of the file at `index` (default: the decoded image), its label and the index
+        it came from; with bad_images 'skip', of the next readable file."""
         for _ in range(len(self.folder)):
             path, label = self.folder.samples[index]
             try:
+                if read is not None:
+                    return read(path), label, index
                 with Image.open(path) as opened:  # its size is in the header: refuse before decoding
                     _check_pixels(opened)
-                return self.folder.loader(path), label
+                return self.folder.loader(path), label, index
             except _UNREADABLE as exc:
-                if self.bad_images == "fail":
-                    raise KdtoolError(f"unreadable image {path}: {exc} (set data.bad_images: skip to skip such files)") from None
-                self.unreadable[index] = True
+                self._unreadable(index, path, exc)
                 index = (index + 1) % len(self.folder)
         raise KdtoolError(f"no readable image under {self.folder.root}")
 
+    def decode_fallback(self, index: int, encoded: np.ndarray) -> Optional[np.ndarray]:
+        """The file at `index`, whose bytes the accelerator could not decode, decoded by Pillow
+        (uint8 (h, w, 3)); unreadable: fails (bad_images 'fail') or is flagged and gives None."""
+        try:
+            return np.array(_decode_bytes(encoded.tobytes()))
+        except _UNREADABLE as exc:
+            self._unreadable(index, self.folder.samples[index][0], exc)
+            return None
+
     def __getitem__(self, index: int):
-        image, label = self._load(index)
+        image, label, _ = self._load(index)
         return self.transform(image), label
 
     def joint_sample(self, index: int, in_loader: Optional[Callable] = None):
         """The decoded image and its key for views made on the accelerator: ({"pixels": uint8 numpy
-        (h, w, 3), "key", "size"}, label); with `in_loader` (image, key, size) -> views, the views
-        made here: ({"views": uint8 (1 + V, 3, S, S)}, label)."""
-        image, label = self._load(index)
-        key = _sample_key()
+        (h, w, 3), "key", "size"}, label), or with decode 'accelerator' for a JPEG it can take, its
+        bytes instead: ({"encoded": uint8 numpy, "extent": (h, w), "index", "key", "size"}, label);
+        with `in_loader` (image, key, size) -> views, the views made here: ({"views": uint8
+        (1 + V, 3, S, S)}, label)."""
         if in_loader is not None:
-            return {"views": in_loader(image, key, self.size)}, label
-        return {"pixels": np.asarray(image), "key": key, "size": self.size}, label  # read-only: collate copies it once
+            image, label, _ = self._load(index)
+            return {"views": in_loader(image, _sample_key(), self.size)}, label
+        if self.decode == "accelerator":
+            sample, label, index = self._load(index, _read_for_the_accelerator)
+            if "encoded" in sample:
+                sample["index"] = index
+        else:
+            image, label, _ = self._load(index)
+            sample = {"pixels": np.asarray(image)}
+        return {**sample, "key": _sample_key(), "size": self.size}, label  # pixels read-only: collate copies them once
+
+
+def _decode_bytes(data: bytes) -> Image.Image:
+    """A file's bytes decoded to RGB by Pillow, as torchvision's ImageFolder loader does; larger
+    than MAX_IMAGE_PIXELS refused from the header."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return _check_pixels(opened).convert("RGB")
+
+
+def accelerator_takes(image: Image.Image, data: bytes) -> bool:
+    """Whether a file (its bytes, and opened by Pillow: the header only) is a JPEG the accelerator
+    decodes: baseline (not progressive), RGB (YCbCr) or grey, ending with its end-of-image marker.
+    CMYK/YCCK, progressive and non-JPEG files are decoded on the CPU (nvJPEG's hardware decoder
+    takes baseline only; torchvision's CUDA decoder takes no CMYK), and so are files cut short (no
+    end marker), which Pillow refuses as the CPU path does."""
+    return (image.format == "JPEG" and image.mode in ("RGB", "L") and not image.info.get("progressive")
+            and data.endswith(b"\xff\xd9"))
+
+
+def _read_for_the_accelerator(path: str) -> dict:
+    """A file read in a worker for `data.decode: accelerator`: a JPEG the accelerator takes as its
+    bytes and (h, w) from the header; any other file decoded here: {"pixels"}."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with Image.open(io.BytesIO(data)) as opened:  # the header only
+        _check_pixels(opened)
+        if accelerator_takes(opened, data):
+            return {"encoded": np.frombuffer(data, dtype=np.uint8), "extent": (opened.height, opened.width)}
+    return {"pixels": np.asarray(_decode_bytes(data))}
 
 
 def _empty_class_folders(root: Path) -> list[Path]:
@@ -403,7 +461,7 @@ def _imagefolder(cfg: DataConfig) -> Datasets:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise KdtoolError(f"data.root: {root / split} not found (ImageFolder expects train/ and val/ class folders)")
-    train = CheckedImageFolder(root / "train", train_tf, cfg.bad_images, size)
+    train = CheckedImageFolder(root / "train", train_tf, cfg.bad_images, size, cfg.decode)
     val = CheckedImageFolder(root / "val", val_tf, cfg.bad_images, size)
     if train.classes != val.classes:
         raise KdtoolError(f"data.root: {root}: train/ and val/ hold different class folders")
@@ -454,6 +512,10 @@ class SeededSamples(Dataset):
     """
 
     def __init__(self, dataset: Dataset, seed: int, in_loader: Optional[Callable] = None):
+        if in_loader is not None and getattr(_innermost(dataset, 0)[0], "decode", "cpu") == "accelerator":
+            raise KdtoolError("data.decode: accelerator needs the JDA views made on the accelerator; here the loader "
+                              "workers make them (augment.jda.device, or teacher.augment.jda.device for the teacher's "
+                              "training, resolves to loader on this machine: set it to accelerator)")
         self.dataset, self.seed, self.epoch, self.in_loader = dataset, seed, 0, in_loader
 
     def set_epoch(self, epoch: int) -> None:
@@ -484,18 +546,99 @@ def unreadable_flags(dataset: Dataset) -> torch.Tensor | None:
     return dataset.unreadable if isinstance(dataset, CheckedImageFolder) and dataset.bad_images == "skip" else None
 
 
+def decode_fallback(dataset: Dataset) -> Optional[Callable[[int, np.ndarray], Optional[np.ndarray]]]:
+    """What decodes, on this process, a file of `dataset` the accelerator could not (see
+    :func:`decode_on_device`), or None for a dataset whose files never reach the accelerator."""
+    while isinstance(dataset, (Subset, SeededSamples)):
+        dataset = dataset.dataset
+    return dataset.decode_fallback if isinstance(dataset, CheckedImageFolder) and dataset.decode == "accelerator" else None
+
+
 def collate_samples(samples: list):
-    """torch's default collate, except for decoded images of differing sizes (``{"pixels"}``
-    samples): their pixels packed one after the other, with "extent" (B, 2), "key" and "size"."""
+    """torch's default collate, except for images of differing sizes (``{"pixels"}`` and
+    ``{"encoded"}`` samples): the decoded pixels packed one after the other, with "extent" (B, 2),
+    "key" and "size"; where some images come as JPEG bytes, also those bytes packed ("encoded"),
+    their lengths ("encoded_length"), rows in the batch ("encoded_row") and dataset indices
+    ("encoded_index"), which :func:`decode_on_device` decodes into their place."""
     first = samples[0][0]
-    if not (isinstance(first, dict) and "pixels" in first):
+    if not (isinstance(first, dict) and ("pixels" in first or "encoded" in first)):
         return default_collate(samples)
-    images = [np.asarray(sample["pixels"]) for sample, _ in samples]
-    batch = {"pixels": torch.from_numpy(np.concatenate([image.reshape(-1) for image in images])),
-             "extent": torch.tensor([image.shape[:2] for image in images], dtype=torch.int64),
+    decoded = [np.asarray(sample["pixels"]) for sample, _ in samples if "pixels" in sample]
+    encoded = [(row, sample) for row, (sample, _) in enumerate(samples) if "encoded" in sample]
+    batch = {"pixels": torch.from_numpy(np.concatenate([image.reshape(-1) for image in decoded] or [np.zeros(0, np.uint8)])),
+             "extent": torch.tensor([sample["extent"] if "encoded" in sample else sample["pixels"].shape[:2]
+                                     for sample, _ in samples], dtype=torch.int64),
              "key": torch.tensor([sample["key"] for sample, _ in samples], dtype=torch.int64),
              "size": torch.tensor([sample["size"] for sample, _ in samples], dtype=torch.int64)}
+    if encoded:
+        batch.update({"encoded": torch.from_numpy(np.concatenate([sample["encoded"] for _, sample in encoded])),
+                      "encoded_length": torch.tensor([len(sample["encoded"]) for _, sample in encoded], dtype=torch.int64),
+                      "encoded_row": torch.tensor([row for row, _ in encoded], dtype=torch.int64),
+                      "encoded_index": torch.tensor([sample["index"] for _, sample in encoded], dtype=torch.int64)})
     return batch, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes (CPU uint8 tensors) decoded to RGB uint8 (3, h, w) on `device`, in one batched
+    call: nvJPEG on CUDA, libjpeg-turbo on the CPU. torchvision >= 0.19 takes a list and a
+    device; deprecated since 0.29 in favour of TorchCodec (its warning silenced here). It
+    returns no partial result: one bad file fails the call."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+
+def _decode_each(encoded: list[torch.Tensor], extents: np.ndarray, device: torch.device,
+                 decode: Callable) -> list[Optional[torch.Tensor]]:
+    """Each JPEG decoded on `device` as HWC (None where it fails or its size is not its header's):
+    the batch in one call, and only if that fails, one call per file."""
+    try:
+        images = decode(encoded, device)
+    except (RuntimeError, ValueError):
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode([data], device)[0])
+            except (RuntimeError, ValueError):
+                images.append(None)
+    return [image.permute(1, 2, 0) if image is not None and tuple(image.shape[1:]) == tuple(hw) else None
+            for image, hw in zip(images, extents)]
+
+
+def decode_on_device(batch: dict, device: torch.device, fallback: Optional[Callable[[int, np.ndarray], Optional[np.ndarray]]],
+                     decode: Callable = decode_jpegs) -> torch.Tensor:
+    """A collated batch's images, all packed HWC one after the other on `device` in batch order:
+    the JPEGs its "encoded" bytes hold decoded by `decode` (:func:`decode_jpegs`) into their
+    rows. A file `decode` fails on goes to `fallback`(dataset index, bytes) (Pillow on this
+    process, :meth:`CheckedImageFolder.decode_fallback`); where that gives None (unreadable,
+    data.bad_images: skip) the image is replaced by grey 128 of its header's size, so that the
+    batch keeps its rows, labels and keys (the file is counted as skipped)."""
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    if "encoded" not in batch:
+        return pixels
+    hw = batch["extent"].cpu().numpy()
+    rows, indices = batch["encoded_row"].cpu().tolist(), batch["encoded_index"].cpu().tolist()
+    encoded = list(torch.split(batch["encoded"].cpu(), batch["encoded_length"].cpu().tolist()))
+    decoded = _decode_each(encoded, hw[rows], device, decode)
+    position = {row: k for k, row in enumerate(rows)}
+    parts, offset = [], 0
+    for row, (h, w) in enumerate(hw):
+        if row not in position:
+            parts.append(pixels[offset:offset + h * w * 3])
+            offset += h * w * 3
+            continue
+        k = position[row]
+        image = decoded[k]
+        if image is None:
+            if fallback is None:
+                raise KdtoolError(f"training image {indices[k]}: the accelerator could not decode it (no CPU fallback given)")
+            cpu = fallback(indices[k], encoded[k].numpy())
+            grey = torch.full((h, w, 3), 128, dtype=torch.uint8, device=device)  # skipped: its rows, label and key kept
+            image = torch.from_numpy(cpu).to(device) if cpu is not None else grey
+        parts.append(image.reshape(-1))
+    return torch.cat(parts)
 
 
 def build_loader(dataset: Dataset, cfg: DataConfig, *, train: bool, batch_size: int | None = None) -> DataLoader:

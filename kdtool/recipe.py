@@ -58,6 +58,16 @@ class DataConfig(_Section):
     workers: int = Field(0, ge=0, le=256)
     pin_memory: bool = True
     bad_images: Literal["fail", "skip"] = "fail"
+    decode: Literal["cpu", "accelerator"] = Field(
+        "cpu", description="imagefolder with JDA views made on the accelerator: where baseline RGB/grey JPEGs are "
+        "decoded; accelerator = the workers read the bytes and the training process decodes them in batches "
+        "(nvJPEG on CUDA; a pixel may differ from Pillow's by a few levels), other files on the CPU as with cpu")
+
+    @model_validator(mode="after")
+    def _decode_on_the_accelerator_needs_imagefolder(self):
+        if self.decode == "accelerator" and self.name != "imagefolder":
+            raise ValueError(f"decode: accelerator has no effect on dataset {self.name!r} (imagefolder JPEGs only)")
+        return self
 
 
 # ---------------------------------------------------------------- models
@@ -379,6 +389,15 @@ class Recipe(_Section):
     @classmethod
     def _complete_method(cls, data):
         return resolve_method_section(data)
+
+    @model_validator(mode="after")
+    def _accelerator_decoding_needs_accelerator_views(self):
+        trained = [("augment", self.augment)] + ([("teacher.augment", self.teacher.augment)] if self.teacher.weights is None else [])
+        for where, augment in trained:
+            if self.data.decode == "accelerator" and augment.jda.device == "loader":
+                raise ValueError(f"data.decode: accelerator has no effect with {where}.jda.device: loader "
+                                 f"(the loader workers decode the images to make the views)")
+        return self
 
     @model_validator(mode="after")
     def _smoothing_has_a_ce_term(self):

@@ -1,6 +1,7 @@
 """Dataset loaders on data in the real on-disk formats, written by the tests."""
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from collections import Counter
@@ -239,24 +240,25 @@ def test_imagefolder_training_batches_become_joint_batches(tmp_path):
 
 
 def test_imagefolder_distillation_is_identical_on_either_view_path(tmp_path, cli_runner):
-    """End to end on mixed-size JPEGs: views made in the loader or on the accelerator give the same
-    run (every metric but the timings), for the same seed."""
+    """End to end on mixed-size JPEGs: views made in the loader or on the accelerator (JPEGs decoded
+    there too, by libjpeg-turbo on this CPU) give the same run (every metric but the timings), for the same seed."""
     import json
 
     from conftest import TINY
 
     write_mixed_imagefolder(tmp_path / "images", per_class=6)
     records = {}
-    for where in ("loader", "accelerator"):
+    for where, decode in (("loader", "cpu"), ("accelerator", "cpu"), ("accelerator", "accelerator")):
         overrides = [*TINY, "data.name=imagefolder", f"data.root={tmp_path / 'images'}", "data.batch_size=4",
                      "data.train_fraction=1", "train.epochs=1", "augment.jda.policy=imagenet", "augment.jda.p=0.6",
-                     f"augment.jda.device={where}"]
+                     f"augment.jda.device={where}", f"teacher.augment.jda.device={where}", f"data.decode={decode}"]
         result = cli_runner("distill", Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
-                            *sum([["--set", o] for o in overrides], []), "--out", tmp_path / where)
+                            *sum([["--set", o] for o in overrides], []), "--out", tmp_path / f"{where}_{decode}")
         assert result.exit_code == 0, result.output
-        lines = (tmp_path / where / "metrics.jsonl").read_text().splitlines()
-        records[where] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
-    assert records["loader"] == records["accelerator"] and records["loader"]
+        lines = (tmp_path / f"{where}_{decode}" / "metrics.jsonl").read_text().splitlines()
+        records[where, decode] = [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds")} for line in lines]
+    assert records["loader", "cpu"] == records["accelerator", "cpu"] == records["accelerator", "accelerator"]
+    assert records["loader", "cpu"]
 
 
 def test_canvases_stay_under_the_pixel_budget_and_long_images_turn_alone(monkeypatch):
@@ -283,3 +285,132 @@ def test_canvases_stay_under_the_pixel_budget_and_long_images_turn_alone(monkeyp
         per_image = TrainViews(augment, 2, 0, "loader").loader_views("cpu")
         expected = torch.stack([per_image(Image.fromarray(image), int(key), 8) for image, key in zip(images, keys)])
         assert torch.equal(made, expected.transpose(0, 1).reshape(-1, 3, 8, 8)), policy
+
+
+# ---------------------------------------------------------------- data.decode: accelerator
+def write_decode_folder(root, corrupt=False):
+    """train/val of mixed-size images, and in train/cat the files `data.decode: accelerator` must
+    route: a baseline RGB JPEG, a grey JPEG, a CMYK JPEG, a progressive JPEG, a PNG and (with
+    `corrupt`) a JPEG cut in half and a JPEG whose header and end marker are sound but that holds
+    no scan (no decoder can read it)."""
+    write_mixed_imagefolder(root)
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    folder = root / "train" / "cat"
+    Image.fromarray(pixels).save(folder / "a_rgb.jpg", quality=90)
+    Image.fromarray(pixels[:, :, 0]).save(folder / "b_grey.jpg")
+    Image.fromarray(pixels).convert("CMYK").save(folder / "c_cmyk.jpg")
+    Image.fromarray(pixels).save(folder / "d_progressive.jpg", progressive=True)
+    Image.fromarray(pixels).save(folder / "e_png.jpg", format="PNG")  # a PNG named .jpg: the header decides
+    if corrupt:
+        whole = (folder / "a_rgb.jpg").read_bytes()
+        (folder / "f_truncated.jpg").write_bytes(whole[: len(whole) // 2])
+        (folder / "g_noscan.jpg").write_bytes(whole[:whole.index(b"\xff\xda")] + b"\xff\xd9")
+    return root
+
+
+def _decode_train(root, decode="accelerator", bad_images="fail"):
+    cfg = DataConfig(name="imagefolder", root=str(root), image_size=12, batch_size=8, decode=decode, bad_images=bad_images)
+    return cfg, build_datasets(cfg).train
+
+
+def test_accelerator_decoding_routes_jpegs_by_their_header(tmp_path):
+    _, train = _decode_train(write_decode_folder(tmp_path, corrupt=True), bad_images="skip")
+    names = [Path(path).name for path, _ in train.folder.samples]
+    samples = {name: train.joint_sample(i)[0] for i, name in enumerate(names)}
+    routed = {name: "encoded" in samples[name] for name in ("a_rgb.jpg", "b_grey.jpg", "c_cmyk.jpg", "d_progressive.jpg",
+                                                              "e_png.jpg", "g_noscan.jpg", "1.png")}
+    assert routed == {"a_rgb.jpg": True, "b_grey.jpg": True, "c_cmyk.jpg": False, "d_progressive.jpg": False,
+                      "e_png.jpg": False, "g_noscan.jpg": True, "1.png": False}
+    # The file cut short (no end marker) was decoded in the worker, which skipped it as today: the next file came instead.
+    assert samples["f_truncated.jpg"]["index"] == names.index("g_noscan.jpg")
+    assert train.skipped == 1 and bool(train.unreadable[names.index("f_truncated.jpg")])
+    index = [Path(path).name for path, _ in train.folder.samples].index("a_rgb.jpg")
+    sample, label = train.joint_sample(index)
+    assert sample["index"] == index and tuple(sample["extent"]) == (23, 31) and label == 0
+
+
+def _first_batches(train, cfg, views, n=2):
+    from kdtool.data import SeededSamples
+
+    samples = SeededSamples(train, 4, views.loader_views(torch.device("cpu")))
+    torch.manual_seed(0)  # the same shuffled order
+    return [(batch, views(batch, 0, _Accelerator())) for batch, _ in list(build_loader(samples, cfg, train=True))[:n]]
+
+
+def test_batches_decoded_on_the_accelerator_equal_the_cpu_decoder(tmp_path):
+    """torchvision's libjpeg-turbo (the accelerator's decoder on a CPU device) gives Pillow's pixels:
+    the joint batches are the same with either data.decode."""
+    from kdtool.augment import JointAugment, TrainViews
+
+    root = write_decode_folder(tmp_path)
+    views = TrainViews(JointAugment("imagenet", p=0.6), 1, seed=0, where="accelerator")
+    made = {}
+    for decode in ("cpu", "accelerator"):
+        cfg, train = _decode_train(root, decode)
+        made[decode] = _first_batches(train, cfg, views.reading(train))
+    assert all("encoded" in batch for batch, _ in made["accelerator"]) and not any("encoded" in b for b, _ in made["cpu"])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(made["cpu"], made["accelerator"]))
+
+
+def test_files_the_accelerator_cannot_decode_fall_back_to_the_cpu(tmp_path):
+    """An injected decoder that fails on some files: the whole batch is retried one file at a
+    time, and the files it still fails on are decoded by Pillow, giving the same pixels."""
+    from kdtool.data import collate_samples, decode_fallback, decode_jpegs, decode_on_device
+
+    cfg, train = _decode_train(write_decode_folder(tmp_path))
+    samples = [train.joint_sample(i) for i in range(len(train))]
+    batch, _ = collate_samples(samples)
+    calls = []
+
+    def refuses_grey(encoded, device):
+        calls.append(len(encoded))
+        if any(Image.open(io.BytesIO(e.numpy().tobytes())).mode == "L" for e in encoded):
+            raise RuntimeError("nvjpeg refused it")
+        return decode_jpegs(encoded, device)
+
+    cpu = torch.cat([torch.from_numpy(np.array(train.folder.loader(path))).reshape(-1) for path, _ in train.folder.samples])
+    assert torch.equal(decode_on_device(batch, torch.device("cpu"), decode_fallback(train), refuses_grey), cpu)
+    n_encoded = len(batch["encoded_length"])
+    assert calls == [n_encoded] + [1] * n_encoded and n_encoded >= 2
+    with pytest.raises(KdtoolError, match="no CPU fallback"):
+        decode_on_device(batch, torch.device("cpu"), None, refuses_grey)
+
+
+def test_corrupt_jpegs_on_the_accelerator_fail_or_are_skipped_and_counted(tmp_path):
+    from kdtool.data import collate_samples, decode_fallback, decode_on_device
+
+    root = write_decode_folder(tmp_path, corrupt=True)
+    (root / "train" / "cat" / "f_truncated.jpg").unlink()  # the worker's own case (tests above)
+    for bad_images in ("fail", "skip"):
+        cfg, train = _decode_train(root, bad_images=bad_images)
+        names = [Path(path).name for path, _ in train.folder.samples]
+        batch, labels = collate_samples([train.joint_sample(i) for i in range(len(train))])
+        if bad_images == "fail":
+            with pytest.raises(KdtoolError, match="unreadable image .*g_noscan.jpg.*data.bad_images"):
+                decode_on_device(batch, torch.device("cpu"), decode_fallback(train))
+            continue
+        pixels = decode_on_device(batch, torch.device("cpu"), decode_fallback(train))
+        assert train.skipped == 1 and bool(train.unreadable[names.index("g_noscan.jpg")])
+        hw = batch["extent"].numpy()
+        offsets = np.concatenate([[0], np.cumsum(hw[:, 0] * hw[:, 1] * 3)])
+        row = names.index("g_noscan.jpg")
+        assert len(pixels) == offsets[-1] and len(labels) == len(names)
+        assert bool((pixels[offsets[row]:offsets[row + 1]] == 128).all())  # replaced by grey of its size, label kept
+
+
+def test_accelerator_decoding_is_refused_where_it_has_no_effect(tmp_path, cli_runner):
+    from conftest import one_line_error
+    from kdtool.augment import TrainViews
+    from kdtool.data import SeededSamples
+
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    line = one_line_error(cli_runner("recipe", "check", recipe, "--set", "data.decode=accelerator"))
+    assert "decode" in line and "'digits'" in line, line
+    folder = ["--set", "data.name=imagefolder", "--set", f"data.root={tmp_path}", "--set", "data.decode=accelerator"]
+    line = one_line_error(cli_runner("recipe", "check", recipe, *folder, "--set", "augment.jda.device=loader"))
+    assert "data.decode" in line and "augment.jda.device: loader" in line, line
+    assert cli_runner("recipe", "check", recipe, *folder, "--set", "augment.jda.device=accelerator").exit_code == 0
+    _, train = _decode_train(write_decode_folder(tmp_path / "images"))
+    with pytest.raises(KdtoolError, match="data.decode: accelerator needs the JDA views made on the accelerator"):
+        SeededSamples(train, 0, TrainViews(None, 0, 0, "loader").loader_views("cpu"))

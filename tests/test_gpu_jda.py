@@ -75,3 +75,47 @@ def test_loader_views_equal_views_made_on_cuda(tmp_path):
 
 def test_auto_makes_views_on_the_accelerator_on_cuda():
     assert TrainViews(JointAugment("imagenet"), 1, seed=0).loader_views(torch.device("cuda")) is None
+
+
+# nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a pixel may differ from Pillow's by
+# a few levels. The bound is torchvision's own for its CUDA decoder (test_decode_jpegs_cuda: mean
+# absolute difference < 2 levels per image); kdtool's README quotes it.
+NVJPEG_MEAN_LEVELS = 2.0
+
+
+def test_jpegs_decoded_on_cuda_stay_within_the_documented_tolerance_of_pillow(tmp_path):
+    """data.decode: accelerator on CUDA: every JPEG of a batch decoded by nvJPEG (its header's size,
+    RGB) within NVJPEG_MEAN_LEVELS of Pillow; the files routed to the CPU equal Pillow exactly."""
+    from test_data import _decode_train, write_decode_folder
+
+    from kdtool.data import collate_samples, decode_fallback, decode_on_device
+
+    _, train = _decode_train(write_decode_folder(tmp_path))
+    batch, _ = collate_samples([train.joint_sample(i) for i in range(len(train))])
+    decoded = decode_on_device(batch, torch.device("cuda"), decode_fallback(train)).cpu()
+    assert decoded.is_cuda is False and len(batch["encoded_row"]) >= 2
+    offset, encoded_rows = 0, set(batch["encoded_row"].tolist())
+    for row, (path, _) in enumerate(train.folder.samples):
+        pillow = torch.from_numpy(np.array(train.folder.loader(path))).reshape(-1)
+        mine = decoded[offset:offset + len(pillow)]
+        offset += len(pillow)
+        if row in encoded_rows:
+            assert (mine.float() - pillow.float()).abs().mean() < NVJPEG_MEAN_LEVELS, path
+        else:
+            assert torch.equal(mine, pillow), path
+    assert offset == len(decoded)
+
+
+def test_corrupt_jpeg_on_cuda_falls_back_and_is_counted(tmp_path):
+    """A JPEG with no scan: nvJPEG refuses it, Pillow too, and data.bad_images skip counts it (with
+    the JPEG cut in half, which the worker decoded on the CPU and skipped)."""
+    from test_data import _decode_train, write_decode_folder
+
+    from kdtool.data import collate_samples, decode_fallback, decode_on_device
+
+    _, train = _decode_train(write_decode_folder(tmp_path, corrupt=True), bad_images="skip")
+    batch, _ = collate_samples([train.joint_sample(i) for i in range(len(train))])
+    pixels = decode_on_device(batch, torch.device("cuda"), decode_fallback(train))
+    assert pixels.is_cuda and len(pixels) == int((batch["extent"][:, 0] * batch["extent"][:, 1]).sum()) * 3
+    names = [path.rsplit("/", 1)[-1] for path, _ in train.folder.samples]
+    assert train.skipped == 2 and bool(train.unreadable[names.index("g_noscan.jpg")])

@@ -1,8 +1,8 @@
 """What the trainer feeds the models: the joint batch of originals and JDA views."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ from PIL import Image
 
 from kdtool.augment.chain import _SLOTS_PER_VIEW, JointAugment, build_jda, crop_flip, key_uniforms
 from kdtool.augment.resample import CROP_SLOTS, crop_boxes, crop_resize, crop_resize_pil
-from kdtool.data import MAX_IMAGE_PIXELS
+from kdtool.data import MAX_IMAGE_PIXELS, decode_fallback, decode_on_device
 from kdtool.errors import KdtoolError
 
 # ---------------------------------------------------------------- views for training
@@ -59,11 +59,12 @@ class LoaderViews:
     def __call__(self, image: Image.Image, key: int, size: int) -> torch.Tensor:
         keys = np.array([key], dtype=np.int64)
         uniforms = np.concatenate([_view_uniforms(keys, view) for view in range(1 + self.views)])
-        pictures = [image]
-        if self.views:
-            full = torch.from_numpy(np.stack([np.asarray(plane) for plane in image.split()]))  # (C, H, W)
-            pictures += [_planes_to_pil(self.augment.apply_u8(full[None], chain_params(self.augment, u[None]))[0])
-                         for u in uniforms[1:]]
+        params = [chain_params(self.augment, u[None]) for u in uniforms[1:]]
+        # A view on which no op fires is the image itself (p 0: the two-view baseline).
+        full = (torch.from_numpy(np.stack([np.asarray(plane) for plane in image.split()]))  # (C, H, W)
+                if any(bool(p.fire.any()) for p in params) else None)
+        pictures = [image] + [_planes_to_pil(self.augment.apply_u8(full[None], p)[0]) if bool(p.fire.any()) else image
+                              for p in params]
         boxes = crop_boxes(uniforms[:, _CROP_FIRST_SLOT:], [p.height for p in pictures], [p.width for p in pictures])
         return torch.stack([crop_resize_pil(picture, box, size, bool(u[2] < 0.5))
                             for picture, box, u in zip(pictures, boxes, uniforms)])
@@ -150,7 +151,9 @@ class TrainViews:
       per sample, the dataset's crop padding and whether it flips: chain, crops and flips here;
     - ``{"pixels", "extent", "key", "size"}``: decoded images of differing sizes packed HWC one
       after the other, their (height, width), one random key per sample and the training size:
-      chain, RandomResizedCrop and flips here (:func:`differing_size_views`);
+      chain, RandomResizedCrop and flips here (:func:`differing_size_views`); with ``data.decode:
+      accelerator`` some come as JPEG bytes ("encoded", ...), decoded here first
+      (kdtool.data.decode_on_device, files it cannot decode through `fallback`, see `reading`);
     - ``{"views"}``: uint8 (B, 1 + V, C, H, W) made in the loader (:class:`LoaderViews`);
     - a uint8 tensor (B, C, H, W): images used as they are, the chain on copies, draws seeded per
       (seed, step) over the global batch (a dataset of another kind).
@@ -160,6 +163,11 @@ class TrainViews:
     views: int
     seed: int
     where: str = "auto"  # augment.jda.device: where views of images of differing sizes are made
+    fallback: Optional[Callable] = None  # decodes on the CPU a JPEG the accelerator could not
+
+    def reading(self, dataset) -> "TrainViews":
+        """These views for batches of `dataset`: JPEGs the accelerator cannot decode go to its CPU decoder."""
+        return replace(self, fallback=decode_fallback(dataset))
 
     def loader_views(self, device: torch.device) -> Optional[LoaderViews]:
         """What a dataset of images of differing sizes runs in its loader workers when training
@@ -174,7 +182,7 @@ class TrainViews:
             return self._from_loader(images["views"].to(device, non_blocking=True))
         if isinstance(images, dict) and "pixels" in images:
             # Accelerate may have moved the whole batch to the device already: sizes and keys back to the host.
-            made = differing_size_views(images["pixels"].to(device, non_blocking=True), images["extent"].cpu().numpy(),
+            made = differing_size_views(decode_on_device(images, device, self.fallback), images["extent"].cpu().numpy(),
                                         images["key"].cpu().numpy(), self.augment, self.views,
                                         _one_value(images["size"], "size"))
             return made.float().div_(255)

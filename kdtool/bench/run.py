@@ -33,6 +33,7 @@ from kdtool.bench.timing import latency_stats, measure
 from kdtool.bundle import BundleMismatch, bundle_lock
 from kdtool.errors import KdtoolError
 from kdtool.export.runner import batched_logits
+from kdtool.progress import progress
 from kdtool.recipe import BenchConfig
 
 ROTATING_BATCHES = 8  # distinct real batches cycled through while timing, so no single input is cached hot
@@ -151,33 +152,34 @@ def _rotating_batches(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [pool[np.arange(i * batch_size, (i + 1) * batch_size) % len(pool)] for i in range(count)]
 
 
-def _time_all(outcome: Outcome, settings: BenchSettings, pool: np.ndarray, bar) -> list[dict]:
-    """Latency statistics of every timed case at every batch size, on rotating real inputs staged beforehand."""
-    timed = [case for case in outcome.cases if case[1].timed]
+def _time_all(outcome: Outcome, settings: BenchSettings, pool: np.ndarray, show: bool) -> list[dict]:
+    """Latency statistics of every timed case at every batch size, on rotating real inputs staged
+    beforehand; with `show`, progress per case (a bar on a terminal, a line per case in a log)."""
+    timed = [(artefact, runtime, runner, size) for artefact, runtime, runner in outcome.cases if runtime.timed
+             for size in settings.batch_sizes]
     timing = []
-    task = bar.add_task("timing", total=len(timed) * len(settings.batch_sizes))
-    for artefact, runtime, runner in timed:
-        for size in settings.batch_sizes:
-            bar.update(task, description=f"timing {artefact.key} on {runtime.name}, batch {size}")
-            bar.advance(task)
-            if runner.max_batch is not None and size > runner.max_batch:
-                outcome.skipped.append({"artefact": artefact.key, "runtime": runtime.name, "batch_size": size,
-                                        "reason": f"batch {size} above the engine's maximum {runner.max_batch}"})
-                continue
-            try:
-                staged = [runner.stage(batch) for batch in _rotating_batches(pool, size)]
-                durations = measure(runner.run, staged, warmup=settings.warmup, iters=settings.iters,
-                                    duration=settings.duration)
-            except Exception as exc:  # noqa: BLE001  a failure, reported
-                outcome.fail(artefact, runtime, exc, stage="timing", batch_size=size)
-                continue
-            timing.append({
-                "artefact": artefact.key, "precision": artefact.precision, "runtime": runtime.name,
-                "ran_on": runner.ran_on, "batch_size": size, "threads": settings.threads,
-                "include_copies": settings.include_copies if runtime.uses_gpu else None,
-                "cuda_graphs": settings.cuda_graphs if runtime.name == "tensorrt" else None,
-                **latency_stats(durations, size),
-            })
+    cases = progress(timed, desc="timing", total=len(timed), enabled=show, every=1)
+    for artefact, runtime, runner, size in cases:
+        cases.set_postfix(case=f"{artefact.key} on {runtime.name}, batch {size}")
+        if runner.max_batch is not None and size > runner.max_batch:
+            outcome.skipped.append({"artefact": artefact.key, "runtime": runtime.name, "batch_size": size,
+                                    "reason": f"batch {size} above the engine's maximum {runner.max_batch}"})
+            continue
+        try:
+            staged = [runner.stage(batch) for batch in _rotating_batches(pool, size)]
+            durations = measure(runner.run, staged, warmup=settings.warmup, iters=settings.iters,
+                                duration=settings.duration)
+        except Exception as exc:  # noqa: BLE001  a failure, reported
+            outcome.fail(artefact, runtime, exc, stage="timing", batch_size=size)
+            continue
+        timing.append({
+            "artefact": artefact.key, "precision": artefact.precision, "runtime": runtime.name,
+            "ran_on": runner.ran_on, "batch_size": size, "threads": settings.threads,
+            "include_copies": settings.include_copies if runtime.uses_gpu else None,
+            "cuda_graphs": settings.cuda_graphs if runtime.name == "tensorrt" else None,
+            **latency_stats(durations, size),
+        })
+    cases.close()
     return timing
 
 
@@ -220,15 +222,13 @@ def run_bench(bundle_dir: Path, *, batch_sizes: list[int] | None = None, iters: 
 
 
 def _bench(bundle: Bundle, settings: BenchSettings, data: str | None, progress: bool, runtimes: Mapping[str, Runtime]):
-    from rich.progress import Progress
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     statuses = _runtime_status(runtimes)
     outcome = Outcome()
     manifest = bundle.manifest
     options = RunnerOptions(bundle.input_name, bundle.output_name, settings.threads, settings.include_copies,
                             settings.cuda_graphs, tuple(manifest.input.shape[1:]), manifest.model.num_classes)
-    with torch_threads(settings.threads), Progress(disable=not progress, transient=True) as bar:
+    with torch_threads(settings.threads):
         eval_set = run_eval_set(bundle, data, device) if data is not None else reference_eval_set(bundle)
         artefacts = list(bundle.artefacts)
         if eval_set.student is not None:
@@ -236,7 +236,7 @@ def _bench(bundle: Bundle, settings: BenchSettings, data: str | None, progress: 
         _open_cases(artefacts, runtimes, statuses, options, outcome)
         accuracy = _accuracy(eval_set, outcome)
         pool = eval_set.timing_pool(ROTATING_BATCHES * max(settings.batch_sizes))
-        timing = _time_all(outcome, settings, pool, bar)
+        timing = _time_all(outcome, settings, pool, progress)
     unchecked = not_checked(bundle, accuracy, outcome)
     gated = {artefact.key for artefact in bundle.artefacts}
     failures = (teacher_failures(accuracy, len(eval_set.labels), manifest.model.num_classes)

@@ -229,6 +229,7 @@ def prepare(model: nn.Module, datasets: Datasets, loss_fn: LossFn, *, train_cfg:
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     in_loader = (train_views or TrainViews(None, 0, seed)).loader_views(accelerator.device)
     train_set = SeededSamples(datasets.train, seed, in_loader=in_loader)
+    train_views = (train_views or TrainViews(None, 0, seed)).reading(datasets.train)
     train_loader = build_loader(train_set, data_cfg, train=True)
     val_loader = build_loader(datasets.val, data_cfg, train=False)
     batches_per_epoch = len(train_loader)

@@ -71,7 +71,8 @@ FAULTS = {
                          "empty and binary files",
                          "never a traceback; exit 0, or exit 2 naming the key or file", "test_recipe_fuzz.py"),
     "data": Fault("data faults: unreadable/truncated images (fail and skip), decompression bombs, images over "
-                  "kdtool's per-image pixel cap (either JDA view path), empty class "
+                  "kdtool's per-image pixel cap (either JDA view path), hostile JPEGs decoded on the accelerator "
+                  "(no scan, cut short, oversize header, junk; fail and skip), data.decode where it has no effect, empty class "
                   "folder, label out of range, directory links repeating a class, CIFAR-100 pickles that would run "
                   "code, splits that leave a class out, out-of-range split seeds",
                   "fail: exit 2 naming the file; skip: trains, `skipped_images` in metrics.jsonl; exit 2 naming "

@@ -3,6 +3,7 @@ folder, directory links that repeat a class's images, labels out of range, CIFAR
 code when unpickled, splits that leave a class out, an out-of-range split seed."""
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import struct
@@ -211,3 +212,64 @@ def test_image_over_the_pixel_cap_fails_naming_the_file_or_is_skipped(where, tmp
                             "--out", tmp_path / "skip")
         assert result.exit_code == 0, result.output
         assert "skipped 1 unreadable training image(s)" in result.output, result.output
+
+
+def hostile_jpegs(folder: Path) -> dict[str, Path]:
+    """JPEGs that `data.decode: accelerator` must not trust: one whose header and end marker are sound
+    but that holds no scan (every decoder fails), one cut short, one whose header declares more than
+    kdtool's pixel cap, and a JPEG start followed by junk."""
+    from kdtool.data import MAX_IMAGE_PIXELS
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    good = buffer.getvalue()
+    sof = good.index(b"\xff\xc0")
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 16  # under Pillow's bomb limit, over kdtool's cap
+    files = {"noscan": good[:good.index(b"\xff\xda")] + b"\xff\xd9", "cut": good[: len(good) // 2],
+             "oversize": good[:sof + 5] + struct.pack(">HH", side, side) + good[sof + 9:],
+             "junk": b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"}
+    paths = {name: folder / f"hostile_{name}.jpg" for name in files}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    return paths
+
+
+GPU_DECODE = ["--set", "augment.jda.device=accelerator", "--set", "teacher.augment.jda.device=accelerator",
+              "--set", "data.decode=accelerator"]
+
+
+@pytest.mark.parametrize("kind", ["noscan", "cut", "oversize", "junk"])
+def test_hostile_jpegs_decoded_on_the_accelerator_fail_naming_the_file(kind, tmp_path, cli_runner, fault_trials):
+    """data.decode: accelerator (libjpeg-turbo on this CPU stands in for nvJPEG): a file that passes
+    the worker's header check but no decoder reads, or that the header check refuses, fails in one
+    line naming it, as the CPU path does; CMYK and progressive JPEGs beside it decode on the CPU."""
+    root = image_folder(tmp_path / "images", bad=False)
+    for mode, extra in (("CMYK", {}), ("RGB", {"progressive": True})):
+        Image.open(root / "train" / "a" / "0.png").convert(mode).save(root / "train" / "a" / f"ok_{mode}.jpg", **extra)
+    bad = hostile_jpegs(root / "train" / "b")
+    for name, path in bad.items():
+        if name != kind:
+            path.unlink()
+    with fault_trials("data").trial():
+        line = one_line_error(cli_runner("distill", QUICKSTART, *folder_args(root, *GPU_DECODE), "--out", tmp_path / "run"))
+        assert "unreadable image" in line and str(bad[kind]) in line and "data.bad_images" in line, line
+
+
+def test_hostile_jpegs_decoded_on_the_accelerator_are_skipped_and_counted(tmp_path, cli_runner, fault_trials):
+    root = image_folder(tmp_path / "images", bad=False)
+    hostile_jpegs(root / "train" / "b")
+    run_dir = tmp_path / "run"
+    with fault_trials("data").trial():
+        result = cli_runner("distill", QUICKSTART, *folder_args(root, "--set", "data.bad_images=skip", *GPU_DECODE),
+                            "--out", run_dir)
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["skipped_images"] for r in records] == [4] * len(records), records
+
+
+@pytest.mark.parametrize("where", [["--set", "data.name=digits"], ["--set", "data.name=imagefolder", "--set",
+                                   "data.root=.", "--set", "augment.jda.device=loader"]])
+def test_accelerator_decoding_where_it_has_no_effect_is_refused(where, cli_runner, fault_trials):
+    with fault_trials("data").trial():
+        line = one_line_error(cli_runner("recipe", "check", QUICKSTART, *where, "--set", "data.decode=accelerator"))
+        assert "decode: accelerator has no effect" in line, line
