@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from kdtool.cli.common import debug_option, handle_errors, read_recipe, recipe_options, set_option
+from kdtool.cli.common import OneLineErrors, debug_option, handle_errors, read_recipe, recipe_options, set_option
 from kdtool.recipe import dump_recipe, load_recipe
 
 
@@ -78,7 +78,7 @@ def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
             bench_and_print(bundle, progress=progress)
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 def recipe():
     """Inspect recipes."""
 

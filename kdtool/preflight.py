@@ -1,0 +1,118 @@
+"""Checked before anything trains: what `distill` builds from a recipe, built and tried once.
+
+`distill` (and so `run`), `recipe check` and every cell of `kdtool sweep` go through these
+functions, so they agree on what is valid: the data (and a batch that fits its training set), both
+models with their weights, each pushed one dummy batch of the recipe's input size (a model that
+cannot take that size, or does not fit in memory, is one line naming the model and the size), the
+method's loss, and the JDA views of the student and of a teacher trained in the run.
+
+The dummy batch is zeros, run on the CPU in eval mode under ``torch.no_grad()``: it uses no random
+numbers (training draws exactly what it drew without the check) and changes no BatchNorm statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from kdtool.augment import TrainViews, build_train_views
+from kdtool.data import DataInfo, Datasets, build_datasets
+from kdtool.errors import KdtoolError
+from kdtool.losses import LossFn, build_loss
+from kdtool.models import build_model
+from kdtool.recipe import DataConfig, Recipe
+
+DUMMY_BATCH = 2  # images in the batch each model is tried on (BatchNorm in eval mode takes any size)
+
+
+@dataclass
+class Checked:
+    """What `preflight` built: distill trains exactly these."""
+
+    datasets: Datasets
+    student: nn.Module
+    teacher: nn.Module
+    loss_fn: LossFn
+    needs_teacher: bool
+    train_views: TrainViews
+
+
+def check_data(cfg: DataConfig) -> Datasets:
+    """The recipe's datasets; refuses a batch larger than the (few-shot) training set."""
+    datasets = build_datasets(cfg)
+    if cfg.batch_size > len(datasets.train):
+        raise KdtoolError(f"data.batch_size: {cfg.batch_size} is larger than the {len(datasets.train)} training images")
+    return datasets
+
+
+def _first_line(exc: BaseException) -> str:
+    return next(iter(str(exc).strip().splitlines()), "")[:200] or type(exc).__name__
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocator failure: Python's MemoryError, torch's OutOfMemoryError (CUDA), the CPU allocator's RuntimeError."""
+    text = str(exc).lower()
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or (
+        "out of memory" in text)
+
+
+def _refusal(role: str, name: str, size: int, stage: str, exc: BaseException) -> KdtoolError:
+    where = f"{role} {name} at {size}x{size} inputs (data.image_size {size})"
+    if _is_out_of_memory(exc):
+        return KdtoolError(f"{where} does not fit in memory ({stage} with a batch of {DUMMY_BATCH}): {_first_line(exc)}")
+    return KdtoolError(f"{where} cannot be {stage}: {_first_line(exc)}")
+
+
+def try_forward(model: nn.Module, role: str, name: str, info: DataInfo) -> None:
+    """Push one dummy batch of `info`'s size through `model`; one line naming model and size when it fails."""
+    size = info.image_size
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(torch.zeros(DUMMY_BATCH, 3, size, size))
+    except Exception as exc:  # noqa: BLE001 - any failure of a model's forward (shape, kernel, allocator) is one line
+        raise _refusal(role, name, size, "run", exc) from None
+    finally:
+        model.train(was_training)
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != (DUMMY_BATCH, info.num_classes):
+        raise KdtoolError(f"{role} {name} at {size}x{size} inputs gives outputs of shape {shape}, not "
+                          f"({DUMMY_BATCH}, {info.num_classes}) logits for the dataset's {info.num_classes} classes")
+
+
+def check_model(role: str, name: str, weights: str | None, info: DataInfo, *, new_head: bool = False) -> nn.Module:
+    """Build a model as distill does (weights loaded) and try it on one dummy batch of the recipe's size."""
+    try:
+        model = build_model(name, info.num_classes, weights, new_head=new_head, image_size=info.image_size)
+    except KdtoolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a constructor refusing the size, or the allocator refusing the weights
+        raise _refusal(role, name, info.image_size, "built", exc) from None
+    try_forward(model, role, name, info)
+    return model
+
+
+def check_models(recipe: Recipe, info: DataInfo) -> tuple[nn.Module, nn.Module]:
+    """The recipe's student and teacher, built and tried. A student may start from pretrained features for
+    other classes (a fresh classifier); a teacher may not."""
+    student = check_model("student", recipe.student.name, recipe.student.weights, info, new_head=True)
+    teacher = check_model("teacher", recipe.teacher.name, recipe.teacher.weights, info)
+    return student, teacher
+
+
+def check_views(recipe: Recipe) -> TrainViews:
+    """The student's JDA views, and (only built, for its errors) the views of a teacher trained in the run."""
+    if recipe.teacher.weights is None:
+        build_train_views(recipe.teacher.augment.jda, recipe.seed)
+    return build_train_views(recipe.augment.jda, recipe.seed)
+
+
+def preflight(recipe: Recipe) -> Checked:
+    """Everything distill needs, built and checked before a run directory is touched."""
+    datasets = check_data(recipe.data)
+    set_seed(recipe.seed)  # model initialisation depends on the seed alone
+    student, teacher = check_models(recipe, datasets.info)
+    loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
+    return Checked(datasets, student, teacher, loss_fn, needs_teacher, check_views(recipe))
