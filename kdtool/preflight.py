@@ -22,7 +22,7 @@ from kdtool.data import DataInfo, Datasets, build_datasets
 from kdtool.errors import KdtoolError
 from kdtool.losses import LossFn, build_loss
 from kdtool.models import build_model
-from kdtool.recipe import DataConfig, Recipe
+from kdtool.recipe import DataConfig, JDAConfig, Recipe, ScheduleConfig, TrainConfig
 
 DUMMY_BATCH = 2  # images in the batch each model is tried on (BatchNorm in eval mode takes any size)
 
@@ -41,7 +41,13 @@ class Checked:
 
 def check_data(cfg: DataConfig) -> Datasets:
     """The recipe's datasets; refuses a batch larger than the (few-shot) training set."""
-    datasets = build_datasets(cfg)
+    try:
+        datasets = build_datasets(cfg)
+    except Exception as exc:  # noqa: BLE001 - only the allocator's refusal is turned into a line here
+        if not _is_out_of_memory(exc):
+            raise
+        raise KdtoolError(f"data: the {cfg.name} set at {cfg.image_size}x{cfg.image_size} (data.image_size) does not "
+                          f"fit in memory: {_first_line(exc)}") from None
     if cfg.batch_size > len(datasets.train):
         raise KdtoolError(f"data.batch_size: {cfg.batch_size} is larger than the {len(datasets.train)} training images")
     return datasets
@@ -116,3 +122,44 @@ def preflight(recipe: Recipe) -> Checked:
     student, teacher = check_models(recipe, datasets.info)
     loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
     return Checked(datasets, student, teacher, loss_fn, needs_teacher, check_views(recipe))
+
+
+# ------------------------------------------------------------------ settings nothing reads
+def _changed(section, fields, prefix: str) -> list[str]:
+    """The `fields` of `section` set to something other than their default, as key paths."""
+    default = type(section)()
+    return [f"{prefix}.{f}" for f in fields if getattr(section, f) != getattr(default, f)]
+
+
+def _unused_in_schedule(schedule: ScheduleConfig, prefix: str) -> list[str]:
+    unused = [] if schedule.name == "multistep" else _changed(schedule, ("milestones", "gamma"), prefix)
+    return unused + ([] if schedule.name == "cosine" else _changed(schedule, ("min_lr",), prefix))
+
+
+def _unused_in_views(jda: JDAConfig, prefix: str) -> list[str]:
+    return _changed(jda, ("p", "views", "teacher_sees_views"), prefix) if jda.policy is None else []
+
+
+def unused_settings(recipe: Recipe) -> list[str]:
+    """Settings given a non-default value that nothing reads, each with why (`recipe check` lists them,
+    distill warns): the training of a teacher that has weights, JDA settings with JDA off, schedule
+    settings of another schedule, distillation settings of vanilla."""
+    notes = []
+    teacher = recipe.teacher
+    if teacher.weights is not None:
+        ignored = [name for name, default in (("train", TrainConfig()), ("augment", type(teacher.augment)()))
+                   if getattr(teacher, name) != default]
+        notes += [f"teacher.{name}: the teacher has weights (teacher.weights) and is not trained" for name in ignored]
+    else:
+        notes += [f"{key}: teacher.augment.jda.policy is null" for key in
+                  _unused_in_views(teacher.augment.jda, "teacher.augment.jda")]
+        notes += [f"{key}: teacher.train.schedule.name is {teacher.train.schedule.name}" for key in
+                  _unused_in_schedule(teacher.train.schedule, "teacher.train.schedule")]
+    notes += [f"{key}: augment.jda.policy is null" for key in _unused_in_views(recipe.augment.jda, "augment.jda")]
+    notes += [f"{key}: train.schedule.name is {recipe.train.schedule.name}" for key in
+              _unused_in_schedule(recipe.train.schedule, "train.schedule")]
+    if recipe.method.name == "vanilla":
+        shared = type(recipe.method).model_fields.keys() - {"name"}
+        notes += [f"{key}: method vanilla is cross-entropy alone" for key in
+                  _changed(recipe.method, sorted(shared), "method")]
+    return notes
