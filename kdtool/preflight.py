@@ -11,6 +11,7 @@ numbers (training draws exactly what it drew without the check) and changes no B
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,11 @@ def check_data(cfg: DataConfig) -> Datasets:
 
 
 def _first_line(exc: BaseException) -> str:
-    return next(iter(str(exc).strip().splitlines()), "")[:200] or type(exc).__name__
+    text = str(exc).strip()
+    tried = re.search(r"tried to allocate (\d+) bytes", text)  # torch's CPU allocator
+    if tried:
+        return f"tried to allocate {int(tried.group(1)) / 2**20:.0f} MiB more"
+    return next(iter(text.splitlines()), "")[:200] or type(exc).__name__
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -67,7 +72,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def _refusal(role: str, name: str, size: int, stage: str, exc: BaseException) -> KdtoolError:
     where = f"{role} {name} at {size}x{size} inputs (data.image_size {size})"
     if _is_out_of_memory(exc):
-        return KdtoolError(f"{where} does not fit in memory ({stage} with a batch of {DUMMY_BATCH}): {_first_line(exc)}")
+        doing = "building it" if stage == "built" else f"one batch of {DUMMY_BATCH}"
+        return KdtoolError(f"{where} does not fit in memory ({doing}): {_first_line(exc)}")
     return KdtoolError(f"{where} cannot be {stage}: {_first_line(exc)}")
 
 
