@@ -618,6 +618,7 @@ def load_spec(path) -> SweepSpec:
 def refuse_spec_as_recipe(path) -> None:
     """Refuse a sweep spec file given where a recipe is expected (``kdtool sweep SPEC --grid ...``): its
     grid, seeds and base recipe would be read as recipe keys."""
+    check_input_file(Path(path), "recipe")  # never opens a FIFO
     try:
         data = parse_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
