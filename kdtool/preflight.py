@@ -19,10 +19,10 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from kdtool.augment import TrainViews, build_train_views
-from kdtool.data import DataInfo, Datasets, build_datasets
+from kdtool.data import DATASETS, DataInfo, Datasets, build_datasets
 from kdtool.errors import KdtoolError
 from kdtool.losses import LossFn, build_loss
-from kdtool.models import build_model
+from kdtool.models import build_model, check_model_name
 from kdtool.recipe import DataConfig, JDAConfig, Recipe, ScheduleConfig, TrainConfig
 
 DUMMY_BATCH = 2  # images in the batch each model is tried on (BatchNorm in eval mode takes any size)
@@ -42,6 +42,7 @@ class Checked:
 
 def check_data(cfg: DataConfig) -> Datasets:
     """The recipe's datasets; refuses a batch larger than the (few-shot) training set."""
+    _named("data.name", lambda: DATASETS[cfg.name])
     try:
         datasets = build_datasets(cfg)
     except Exception as exc:  # noqa: BLE001 - only the allocator's refusal is turned into a line here
@@ -52,6 +53,14 @@ def check_data(cfg: DataConfig) -> Datasets:
     if cfg.batch_size > len(datasets.train):
         raise KdtoolError(f"data.batch_size: {cfg.batch_size} is larger than the {len(datasets.train)} training images")
     return datasets
+
+
+def _named(key: str, check) -> None:
+    """Run `check`; its KdtoolError names the recipe key it is about."""
+    try:
+        check()
+    except KdtoolError as exc:
+        raise KdtoolError(f"{key}: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -96,10 +105,11 @@ def try_forward(model: nn.Module, role: str, name: str, info: DataInfo) -> None:
 
 def check_model(role: str, name: str, weights: str | None, info: DataInfo, *, new_head: bool = False) -> nn.Module:
     """Build a model as distill does (weights loaded) and try it on one dummy batch of the recipe's size."""
+    _named(f"{role}.name", lambda: check_model_name(name))
     try:
         model = build_model(name, info.num_classes, weights, new_head=new_head, image_size=info.image_size)
-    except KdtoolError:
-        raise
+    except KdtoolError as exc:
+        raise KdtoolError(f"{role}.weights: {exc}" if weights is not None else str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a constructor refusing the size, or the allocator refusing the weights
         raise _refusal(role, name, info.image_size, "built", exc) from None
     try_forward(model, role, name, info)
