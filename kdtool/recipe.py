@@ -125,14 +125,15 @@ JDA_POLICIES = ("cifar100", "cifar10", "imagenet", "digits", "rotation")
 
 def _jda_policy(name: Optional[str]) -> Optional[str]:
     if name is not None and name not in JDA_POLICIES:
-        raise ValueError(f"unknown JDA policy {name!r}{closest(name, JDA_POLICIES)}; known: {', '.join(sorted(JDA_POLICIES))}")
+        raise ValueError(f"unknown JDA policy {name!r}{closest(name, JDA_POLICIES)}; "
+                         f"known: {', '.join(sorted(JDA_POLICIES))}")
     return name
 
 
 class JDAConfig(_Section):
-    policy: Annotated[Optional[str], AfterValidator(_jda_policy)] = Field(None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits "
-                                  "(the CIFAR-100 chain, under the quickstart's name) | rotation (views turned by "
-                                  "90/180/270 degrees); null = off")
+    policy: Annotated[Optional[str], AfterValidator(_jda_policy)] = Field(
+        None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits (the CIFAR-100 chain, "
+                          "under the quickstart's name) | rotation (views turned by 90/180/270 degrees); null = off")
     p: Optional[float] = Field(None, ge=0, le=1, description="firing probability; null = the policy's")
     views: int = Field(1, ge=1, le=8, description="augmented views per original image")
     teacher_sees_views: bool = True

@@ -219,3 +219,11 @@ def test_recipe_check_prints_resolved(cli_runner):
     assert result.exit_code == 0
     assert load_recipe(QUICKSTART, ["train.epochs=7"]).model_dump() == recipe_from_dict(
         __import__("yaml").safe_load(result.output)).model_dump()
+
+
+def test_the_schema_knows_every_jda_policy_and_no_other():
+    """recipe.JDA_POLICIES (checked when a recipe is read) and augment.POLICIES (what builds the views) agree."""
+    from kdtool.augment import POLICIES
+    from kdtool.recipe import JDA_POLICIES
+
+    assert set(JDA_POLICIES) == set(POLICIES)
