@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from kdtool.augment import build_train_views
-from kdtool.data import build_datasets
+from kdtool.data import DataInfo, build_datasets
 from kdtool.errors import KdtoolError
 from kdtool.io import write_text_atomic
 from kdtool.losses import build_loss
@@ -264,6 +264,9 @@ def _flat(node: Mapping, prefix: str) -> dict[str, Any]:
     return flat
 
 
+_ABSENT = object()  # a key one of two flattened mappings lacks
+
+
 def teacher_dir_name(base: Recipe, teacher: Recipe) -> str:
     """The directory, in the teacher home, of the teacher `teacher` trains: "teacher" when it is the base
     recipe's, else named by the resolved settings (not the override texts) in which it differs."""
@@ -274,9 +277,6 @@ def teacher_dir_name(base: Recipe, teacher: Recipe) -> str:
     changed = [override(key, value) for key, value in settings(teacher).items() if before.get(key, _ABSENT) != value]
     changed += [override(key, None) for key in before if key not in settings(teacher)]
     return "teacher" if not changed else safe_name(["teacher", *changed])
-
-
-_ABSENT = object()
 
 
 def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: Path) -> SweepPlan:
@@ -300,20 +300,19 @@ def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: 
     return SweepPlan(base, cells, recipes, teachers)
 
 
-def _parts_to_check(recipe: Recipe, planned: set[str]) -> list[tuple[str, Any, Any]]:
-    """(what, identity, check) for each part distill builds from `recipe` before it trains (kdtool.preflight),
-    in order; each check gets the data's DataInfo. A planned teacher (trained by the sweep) is tried
-    without weights: its architecture at the input size is what can be wrong before it exists."""
+def _parts_to_check(recipe: Recipe, planned: set[str], info: DataInfo) -> list[tuple[str, Any, Any]]:
+    """(what, identity, check) for each part distill builds from `recipe` (kdtool.preflight) on the data
+    `info` describes. A planned teacher (trained by the sweep) is tried without weights: its
+    architecture at the input size is what can be wrong before it exists."""
     jda, method, smoothing, data = recipe.augment.jda, recipe.method, recipe.train.label_smoothing, recipe.data
     teacher_weights = None if recipe.teacher.weights in planned else recipe.teacher.weights
     return [
-        ("data", data.model_dump(), lambda info: check_data(data).info),
         ("student", [recipe.student.model_dump(), data.model_dump()],
-         lambda info: check_model("student", recipe.student.name, recipe.student.weights, info, new_head=True)),
+         lambda: check_model("student", recipe.student.name, recipe.student.weights, info, new_head=True)),
         ("teacher", [recipe.teacher.name, teacher_weights, data.model_dump()],
-         lambda info: check_model("teacher", recipe.teacher.name, teacher_weights, info)),
-        ("method", [method.model_dump(), smoothing], lambda info: build_loss(method, smoothing)),
-        ("views", [jda.model_dump(), recipe.teacher.augment.jda.model_dump()], lambda info: check_views(recipe)),
+         lambda: check_model("teacher", recipe.teacher.name, teacher_weights, info)),
+        ("method", [method.model_dump(), smoothing], lambda: build_loss(method, smoothing)),
+        ("views", [jda.model_dump(), recipe.teacher.augment.jda.model_dump()], lambda: check_views(recipe)),
     ]
 
 
@@ -322,7 +321,8 @@ def check_plan(plan: SweepPlan, sweep_dir: Optional[Path] = None) -> None:
     dummy batch of the cell's input size (kdtool.preflight), method, views, given teacher weights; the
     teachers' views; what killed runs left in the teachers' and (with `sweep_dir`) the cells' directories;
     and refuse two cells that resolve to the same recipe. One line names the cell or the teacher."""
-    checked: dict[str, Any] = {}
+    infos: dict[str, DataInfo] = {}  # per distinct data section
+    done: set[str] = set()  # parts checked (models are tried, not kept)
     cell_of_recipe: dict[str, Cell] = {}
     planned = {str((directory / "best").absolute()) for directory in plan.teachers}
     for directory, teacher in plan.teachers.items():
@@ -336,18 +336,17 @@ def check_plan(plan: SweepPlan, sweep_dir: Optional[Path] = None) -> None:
             check_leftovers(Path(sweep_dir) / cell.name, "sweep cell")
         twin = cell_of_recipe.setdefault(dump_recipe(recipe), cell)
         if twin is not cell:
-            raise KdtoolError(f"sweep cell {twin.name} and {cell.name} resolve to the same recipe "
+            raise KdtoolError(f"sweep cells {twin.name} and {cell.name} resolve to the same recipe "
                               f"(a grid value given twice?); give each value once")
         try:
-            info = None
-            for what, identity, check in _parts_to_check(recipe, planned):
+            data_key = _canonical(recipe.data.model_dump())
+            if data_key not in infos:
+                infos[data_key] = check_data(recipe.data).info
+            for what, identity, check in _parts_to_check(recipe, planned, infos[data_key]):
                 key = f"{what}:{_canonical(identity)}"
-                if key not in checked:
-                    checked[key] = check(info)
-                if what == "data":
-                    info = checked[key]
-                else:
-                    checked[key] = True  # a model is checked, not kept
+                if key not in done:
+                    check()
+                    done.add(key)
         except KdtoolError as exc:
             raise KdtoolError(f"sweep cell {cell.name}: {exc}") from None
 
