@@ -72,7 +72,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """An allocator failure: Python's MemoryError, torch's OutOfMemoryError (CUDA), the CPU allocator's RuntimeError."""
+    """An allocator failure: Python's MemoryError, torch.OutOfMemoryError (torch >= 2.5; CUDA), the CPU allocator's
+    RuntimeError ("can't allocate memory")."""
     text = str(exc).lower()
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or (
         "out of memory" in text)
