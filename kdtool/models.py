@@ -12,7 +12,10 @@ timm model (``timm:convnext_tiny``, ``timm:resnet50.a1_in1k``). Weights (``weigh
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
+import re
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -24,6 +27,7 @@ import torchvision
 from kdtool.errors import KdtoolError, Registry, closest
 
 TIMM_PREFIX = "timm:"
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # timm's architecture[.tag]
 PRETRAINED = "pretrained"
 CHECKPOINT_FILE = "model.safetensors"  # the tensors of a kdtool checkpoint directory
 
@@ -197,17 +201,34 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state)
 
 
-def _load_file(model: nn.Module, weights: str, name: str) -> None:
+def _load_file(model: nn.Module, weights: str, name: str, new_head: bool) -> None:
     path = Path(weights).expanduser()
     if not path.exists():
         raise KdtoolError(f"checkpoint not found: {weights} (nor is it a pretrained weights name of {name})")
-    load_weights(model, read_state_dict(path), str(path))
+    state = read_state_dict(path)
+    load_weights(model, _with_fresh_classifier(model, state) if new_head else state, str(path))
 
 
 def _classifier_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the model's last Linear layer (the classifier of every registry model)."""
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    return [f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()]
+    """State-dict keys of the model's classifier: timm's (its pretrained_cfg names it), else the last Linear
+    layer (the classifier of every registry model)."""
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = [named] if isinstance(named, str) else list(named or ())
+    if not names or not all(isinstance(n, str) and n in dict(model.named_modules()) for n in names):
+        names = [[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]]
+    return [f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()]
+
+
+def _with_fresh_classifier(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the model's own freshly initialised classifier where the weights' classifier predicts
+    another number of classes (a student starting from pretrained features, from the cache or a file)."""
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    own = model.state_dict()
+    keys = _classifier_keys(model)
+    if all(k in state and state[k].shape[1:] == own[k].shape[1:] for k in keys) and any(
+            state[k].shape != own[k].shape for k in keys):
+        state.update({k: own[k] for k in keys})
+    return state
 
 
 # ------------------------------------------------------------------ torchvision and CIFAR nets
@@ -217,7 +238,7 @@ def _build_registered(name: str, num_classes: int, weights: str | None, new_head
         return model
     enum_weights = _weights_enum(name, weights)
     if enum_weights is None:
-        _load_file(model, weights, name)
+        _load_file(model, weights, name, new_head)
         return model
     categories = len(enum_weights.meta.get("categories", []))
     if categories != num_classes and not new_head:
@@ -226,9 +247,7 @@ def _build_registered(name: str, num_classes: int, weights: str | None, new_head
         state = enum_weights.get_state_dict(progress=False)
     except OSError as exc:
         raise KdtoolError(f"weights {name}.{weights} are not in torch's hub cache and could not be downloaded ({exc})") from None
-    if categories != num_classes:  # a student starting from pretrained features gets a fresh classifier
-        state.update({k: v for k, v in model.state_dict().items() if k in _classifier_keys(model)})
-    load_weights(model, state, f"{name}.{weights}")
+    load_weights(model, _with_fresh_classifier(model, state) if new_head else state, f"{name}.{weights}")
     return model
 
 
@@ -246,6 +265,9 @@ def parse_timm_name(name: str) -> tuple[str, str]:
     timm = _timm()
     from timm.models import is_model, split_model_name_tag
 
+    if not _TIMM_NAME.fullmatch(name.removeprefix(TIMM_PREFIX)):
+        raise KdtoolError(f"{name!r} is not a timm model name: use {TIMM_PREFIX}<architecture>[.<tag>] with letters, "
+                          f"digits and '_' (e.g. {TIMM_PREFIX}resnet18.a1_in1k)")
     arch, tag = split_model_name_tag(name.removeprefix(TIMM_PREFIX))
     if not is_model(arch):
         raise KdtoolError(f"unknown timm model {arch!r}{closest(arch, timm.list_models())} (timm {timm.__version__})")
@@ -298,6 +320,18 @@ def _timm_size(arch: str, tag: str, image_size: int | None) -> dict:
     return {"img_size": image_size} if image_size and cfg is not None and cfg.fixed_input_size else {}
 
 
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's per-retry warnings silenced: a failed download becomes kdtool's one line."""
+    logger = logging.getLogger("huggingface_hub")  # the library's root logger (huggingface_hub.utils.logging)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool, image_size: int | None) -> nn.Module:
     timm = _timm()
     arch, name_tag = parse_timm_name(name)
@@ -306,15 +340,16 @@ def _build_timm(name: str, num_classes: int, weights: str | None, new_head: bool
         model = timm.create_model(f"{arch}.{name_tag}" if name_tag else arch, pretrained=False, num_classes=num_classes,
                                   **_timm_size(arch, name_tag, image_size))
         if weights is not None:
-            _load_file(model, weights, name)
+            _load_file(model, weights, name, new_head)
         return model
     cfg = timm_pretrained_cfg(name, tag)
     label = f"{TIMM_PREFIX}{arch}.{cfg.tag}"
     if cfg.num_classes != num_classes and not new_head:
         raise KdtoolError(f"pretrained weights {label} predict {cfg.num_classes} classes, the dataset has {num_classes}")
     try:  # timm replaces the classifier itself when the class counts differ
-        return timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, num_classes=num_classes,
-                                 **_timm_size(arch, cfg.tag, image_size))
+        with _quiet_hub():
+            return timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, num_classes=num_classes,
+                                     **_timm_size(arch, cfg.tag, image_size))
     except OSError:  # huggingface_hub's LocalEntryNotFoundError and OfflineModeIsEnabled, urllib's URLError
         raise KdtoolError(f"pretrained weights {label} are {_offline_hint(cfg)}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged cached file: safetensors/torch/timm errors

@@ -117,14 +117,33 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _milestones_within_epochs(self):
         if any(m <= 0 or m > self.epochs for m in self.schedule.milestones):
-            raise ValueError(f"schedule.milestones must lie in 1..{self.epochs} (train.epochs)")
+            raise ValueError(f"schedule.milestones: must lie in 1..{self.epochs} (train.epochs)")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self):
+        if self.schedule.warmup_epochs > self.epochs:
+            raise ValueError(f"schedule.warmup_epochs: {self.schedule.warmup_epochs:g} is beyond epochs "
+                             f"({self.epochs}): the learning rate would never reach its value")
         return self
 
 
+# The JDA policies kdtool.augment.POLICIES holds (a test keeps the two equal): checked here, so that
+# `recipe check`, a sweep's plan and distill refuse the same names, whether or not a section is used.
+JDA_POLICIES = ("cifar100", "cifar10", "imagenet", "digits", "rotation")
+
+
+def _jda_policy(name: Optional[str]) -> Optional[str]:
+    if name is not None and name not in JDA_POLICIES:
+        raise ValueError(f"unknown JDA policy {name!r}{closest(name, JDA_POLICIES)}; "
+                         f"known: {', '.join(sorted(JDA_POLICIES))}")
+    return name
+
+
 class JDAConfig(_Section):
-    policy: Optional[str] = Field(None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits "
-                                  "(the CIFAR-100 chain, under the quickstart's name) | rotation (views turned by "
-                                  "90/180/270 degrees); null = off")
+    policy: Annotated[Optional[str], AfterValidator(_jda_policy)] = Field(
+        None, description="cifar100 | cifar10 | imagenet (the authors' chains) | digits (the CIFAR-100 chain, "
+                          "under the quickstart's name) | rotation (views turned by 90/180/270 degrees); null = off")
     p: Optional[float] = Field(None, ge=0, le=1, description="firing probability; null = the policy's")
     views: int = Field(1, ge=1, le=8, description="augmented views per original image")
     teacher_sees_views: bool = True
@@ -292,7 +311,7 @@ class TensorRTConfig(_Section):
     @model_validator(mode="after")
     def _ordered(self):
         if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError("needs min_batch <= opt_batch <= max_batch")
+            raise ValueError("min_batch, opt_batch, max_batch: need min_batch <= opt_batch <= max_batch")
         return self
 
 
@@ -405,6 +424,14 @@ class Recipe(_Section):
             raise ValueError("train.label_smoothing has no effect with method.alpha 0 (no cross-entropy term)")
         return self
 
+    @model_validator(mode="after")
+    def _method_warmup_within_epochs(self):
+        warmup = getattr(self.method, "warmup_epochs", None)
+        if warmup is not None and warmup > self.train.epochs:
+            raise ValueError(f"method.warmup_epochs: {warmup:g} is beyond train.epochs ({self.train.epochs}): "
+                             f"the {self.method.name} term would never reach its weight (0 = no warm-up)")
+        return self
+
     def digest(self) -> str:
         """sha256 of the resolved recipe, for provenance."""
         return hashlib.sha256(dump_recipe(self).encode()).hexdigest()
@@ -501,8 +528,7 @@ def read_yaml_file(path: str | os.PathLike, what: str, aliases: bool = True) -> 
     (with the line and column), past the bounds of `parse_yaml`, or repeats a key.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{what} not found: {path}")
+    check_input_file(path, what)
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: {path.stat().st_size} bytes is too large for a {what} (at most {MAX_RECIPE_BYTES})")
     try:
@@ -581,6 +607,20 @@ def _deepcopy(node):
     return node
 
 
+def _union_tags(annotation) -> dict[str, Optional[type[BaseModel]]]:
+    """The tags of a tagged union inside `annotation` (pydantic puts them in error locations), each with
+    the section model it stands for (None for a plain value)."""
+    tags: dict[str, Optional[type[BaseModel]]] = {}
+    for arg in get_args(annotation):
+        tag = next((m.tag for m in getattr(arg, "__metadata__", ()) if isinstance(m, Tag)), None)
+        if tag is not None:
+            inner = get_args(arg)[0]
+            tags[tag] = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+        else:
+            tags.update(_union_tags(arg))
+    return tags
+
+
 def _key_path(loc: tuple) -> tuple[tuple, Optional[type[BaseModel]]]:
     """An error location without pydantic's union tags (('method', 'dkd', 'x') -> ('method', 'x')),
     and the section model it ends in (None past the sections)."""
@@ -589,10 +629,14 @@ def _key_path(loc: tuple) -> tuple[tuple, Optional[type[BaseModel]]]:
         part = parts.pop(0)
         path.append(part)
         field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = getattr(field, "annotation", None)
+        tags = _union_tags(annotation)
         if field is not None and field.discriminator and parts and str(parts[0]) in METHOD_SETTINGS:
             model = METHOD_SETTINGS[str(parts.pop(0))]
+        elif parts and str(parts[0]) in tags:  # a tagged union's tag ('values' of a normalization mapping)
+            model = tags[str(parts.pop(0))]
         else:
-            model = _section_model(getattr(field, "annotation", None))
+            model = _section_model(annotation)
     return tuple(path), model
 
 
@@ -626,14 +670,16 @@ def _describe(error: dict) -> str:
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{key}: required key is missing"
-    if loc[-1] == "[key]" and error["type"] == "literal_error":  # a mapping whose keys are a fixed set
+    value = error.get("input")
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and isinstance(value, dict):  # a section's check across its keys names them
+        return f"{key + '.' if path else ''}{message}"
+    if loc and loc[-1] == "[key]" and error["type"] == "literal_error":  # a mapping whose keys are a fixed set
         choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
         return f"unknown key {key.removesuffix('.[key]')}{closest(path[-2], choices)}; known: {', '.join(choices)}"
     if error["type"] == "union_tag_invalid" and path == ("method",):
         tag = error["ctx"]["tag"]
         return f"{key}.name: unknown method {tag!r}{closest(tag, METHOD_SETTINGS)}; known: {', '.join(sorted(METHOD_SETTINGS))}"
-    value = error.get("input")
-    message = error["msg"].removeprefix("Value error, ")
     message = f"{key}: {message[:1].lower() + message[1:]}"
     if isinstance(value, (dict, list)):  # a check over a section: the message says what is wrong
         return message
@@ -652,6 +698,20 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", overrides=()) -> Recip
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {validation_message(exc, _describe)}") from exc
+
+
+def check_input_file(path: Path, what: str) -> None:
+    """RecipeError naming `path` unless it is a regular file this process can read (never opens a FIFO)."""
+    if not path.exists():
+        raise RecipeError(f"{what} not found: {path}" + (" (a broken link)" if path.is_symlink() else ""))
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "a FIFO" if path.is_fifo() else "a device or socket"
+        raise RecipeError(f"{what} {path} is not a regular file (it is {kind})")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise RecipeError(f"{what} {path} is not readable ({exc.strerror or exc})") from None
 
 
 def load_recipe(path: str | os.PathLike, overrides=()) -> Recipe:

@@ -49,15 +49,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from kdtool.augment import build_train_views
-from kdtool.data import build_datasets
+from kdtool.data import DataInfo
 from kdtool.errors import KdtoolError, validation_message
 from kdtool.io import write_text_atomic
 from kdtool.losses import build_loss
-from kdtool.models import build_model, check_model_name
+from kdtool.preflight import check_data, check_model, check_views
 from kdtool.recipe import (
     Recipe, RecipeError, dump_recipe, load_recipe, parse_override, read_yaml_file, save_recipe,
 )
-from kdtool.rundir import BEST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock
+from kdtool.rundir import BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock
 from kdtool.sweep_executors import (
     EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config, finished_summary,
 )
@@ -73,6 +73,8 @@ METRICS = {"student_val_top1": "student top-1 (%)", "student_val_teacher_agreeme
 _FIXED_KEYS = ("seed", "data.name", "data.root", "data.split_seed", "data.val_fraction", "data.image_size")
 _TEACHER_KEY, _TEACHER_WEIGHTS = "teacher", "teacher.weights"
 _AXIS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+MAX_SEEDS = 1000  # runs per combination (a sweep spec's seeds and --seeds)
+MAX_CELLS = 10_000  # runs in a sweep, planned and checked before any trains
 _MAX_NAME = 120  # characters of a readable cell name before it is shortened (file names stop at 255 bytes)
 
 
@@ -166,7 +168,13 @@ def _axis_choices(axis: str, values) -> list[Choice]:
         return choices
     if not isinstance(values, (list, tuple)):
         raise KdtoolError(f"grid {axis}: expected a list of values or a mapping of named overrides")
-    return [Choice(value, ((axis, value),)) for value in values]
+    return [Choice(_label(value), ((axis, value),)) for value in values]
+
+
+def _label(value):
+    """A grid value as tables and names show it: itself when a scalar, else its canonical JSON text
+    (mappings and lists are unhashable, and a table groups rows by their labels)."""
+    return _canonical(value) if isinstance(value, (Mapping, list, tuple)) else value
 
 
 def _check_axis(axis: str, choices: list[Choice]) -> None:
@@ -211,8 +219,15 @@ def normalise_grid(grid: Mapping) -> dict[str, list[Choice]]:
 
 
 def sweep_cells(grid: Mapping, seeds: int, base_seed: int) -> list[Cell]:
-    """Every combination of the grid's values, each with seeds base_seed, base_seed + 1, ..."""
+    """Every combination of the grid's values, each with seeds base_seed, base_seed + 1, ...
+    (at most MAX_SEEDS seeds and MAX_CELLS cells)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise KdtoolError(f"--seeds: runs per combination must be 1..{MAX_SEEDS}, got {seeds!r}")
     axes = normalise_grid(grid)
+    count = math.prod(len(choices) for choices in axes.values()) * seeds
+    if count > MAX_CELLS:
+        raise KdtoolError(f"the sweep has {count} runs ({' x '.join(str(len(c)) for c in axes.values())} values x "
+                          f"{seeds} seeds); at most {MAX_CELLS}")
     combos = itertools.product(*[[(axis, choice) for choice in choices] for axis, choices in axes.items()])
     cells = [Cell(combo, base_seed + i) for combo in combos for i in range(seeds)]
     seen: dict[str, Cell] = {}
@@ -235,14 +250,36 @@ class SweepPlan:
     teachers: dict[Path, Recipe]  # teacher directory -> the recipe its teacher is trained from
 
 
-def teacher_dir_name(cell: Cell) -> str:
-    """The directory, in the teacher home, of the teacher this cell's teacher overrides make."""
-    overrides = cell.teacher_overrides
-    return "teacher" if not overrides else safe_name(["teacher", *overrides])
+def _flat(node: Mapping, prefix: str) -> dict[str, Any]:
+    """A nested mapping as {"a.b.c": leaf value}."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_ABSENT = object()  # a key one of two flattened mappings lacks
+
+
+def teacher_dir_name(base: Recipe, teacher: Recipe) -> str:
+    """The directory, in the teacher home, of the teacher `teacher` trains: "teacher" when it is the base
+    recipe's, else named by the resolved settings (not the override texts) in which it differs."""
+    def settings(recipe: Recipe) -> dict[str, Any]:
+        return _flat(recipe.teacher.model_dump(mode="json", exclude={"weights"}), f"{_TEACHER_KEY}.")
+
+    before = settings(base)
+    changed = [override(key, value) for key, value in settings(teacher).items() if before.get(key, _ABSENT) != value]
+    changed += [override(key, None) for key in before if key not in settings(teacher)]
+    return "teacher" if not changed else safe_name(["teacher", *changed])
 
 
 def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: Path) -> SweepPlan:
-    """Resolve every cell's recipe (one line naming the cell when one is invalid); train nothing."""
+    """Resolve every cell's recipe (one line naming the cell when one is invalid); train nothing.
+
+    A cell whose teacher overrides change nothing about the resolved teacher shares the base teacher."""
     base = load_recipe(recipe_path, overrides)
     cells = sweep_cells(grid, seeds, base.seed)
     recipes, teachers = [], {}
@@ -250,8 +287,9 @@ def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: 
         try:
             weights = load_recipe(recipe_path, [*overrides, *cell.overrides]).teacher.weights
             if weights is None:
-                directory = teacher_home / teacher_dir_name(cell)
-                teachers.setdefault(directory, load_recipe(recipe_path, [*overrides, *cell.teacher_overrides]))
+                teacher = load_recipe(recipe_path, [*overrides, *cell.teacher_overrides])
+                directory = teacher_home / teacher_dir_name(base, teacher)
+                teachers.setdefault(directory, teacher)
                 weights = str((directory / BEST).absolute())
             recipes.append(load_recipe(recipe_path, [*overrides, *cell.overrides, override(_TEACHER_WEIGHTS, weights)]))
         except RecipeError as exc:
@@ -259,50 +297,67 @@ def plan_sweep(recipe_path, grid: Mapping, seeds: int, overrides, teacher_home: 
     return SweepPlan(base, cells, recipes, teachers)
 
 
-def _parts_to_build(recipe: Recipe) -> list[tuple[str, Any, Any]]:
-    """(what, identity, build) for each part distill builds from `recipe` before it trains."""
-    jda, method, smoothing = recipe.augment.jda, recipe.method, recipe.train.label_smoothing
+def _parts_to_check(recipe: Recipe, planned: set[str], info: DataInfo) -> list[tuple[str, Any, Any]]:
+    """(what, identity, check) for each part distill builds from `recipe` (kdtool.preflight) on the data
+    `info` describes. A planned teacher (trained by the sweep) is tried without weights: its
+    architecture at the input size is what can be wrong before it exists."""
+    jda, method, smoothing, data = recipe.augment.jda, recipe.method, recipe.train.label_smoothing, recipe.data
+    teacher_weights = None if recipe.teacher.weights in planned else recipe.teacher.weights
     return [
-        ("models", [recipe.student.name, recipe.teacher.name],
-         lambda: [check_model_name(recipe.student.name), check_model_name(recipe.teacher.name)]),
+        ("student", [recipe.student.model_dump(), data.model_dump()],
+         lambda: check_model("student", recipe.student.name, recipe.student.weights, info, new_head=True)),
+        ("teacher", [recipe.teacher.name, teacher_weights, data.model_dump()],
+         lambda: check_model("teacher", recipe.teacher.name, teacher_weights, info)),
         ("method", [method.model_dump(), smoothing], lambda: build_loss(method, smoothing)),
-        ("views", jda.model_dump(), lambda: build_train_views(jda, recipe.seed)),
-        ("data", recipe.data.model_dump(), lambda: _check_batch_fits(recipe)),
+        ("views", [jda.model_dump(), recipe.teacher.augment.jda.model_dump()], lambda: check_views(recipe)),
     ]
 
 
-def _check_batch_fits(recipe: Recipe) -> int:
-    """The number of classes; refuses a batch larger than the (few-shot) training set."""
-    datasets = build_datasets(recipe.data)
-    if recipe.data.batch_size > len(datasets.train):
-        raise KdtoolError(f"data.batch_size: {recipe.data.batch_size} is larger than the "
-                          f"{len(datasets.train)} training images")
-    return datasets.info.num_classes
-
-
-def check_plan(plan: SweepPlan) -> None:
-    """Build, once each, what every cell needs before training (models, method, views, data, given
-    teacher weights), and refuse two cells that resolve to the same recipe. One line names the cell."""
-    built: dict[str, Any] = {}
+def check_plan(plan: SweepPlan, sweep_dir: Optional[Path] = None) -> None:
+    """Check, once per distinct part, what every cell needs before training: the data, both models run on a
+    dummy batch of the cell's input size (kdtool.preflight), method, views, given teacher weights; the
+    teachers' views; what killed runs left in the teachers' and (with `sweep_dir`) the cells' directories;
+    and refuse two cells that resolve to the same recipe. One line names the cell or the teacher."""
+    infos: dict[str, DataInfo] = {}  # per distinct data section
+    done: set[str] = set()  # parts checked (models are tried, not kept)
     cell_of_recipe: dict[str, Cell] = {}
     planned = {str((directory / BEST).absolute()) for directory in plan.teachers}
+    for directory, teacher in plan.teachers.items():
+        check_leftovers(directory, "teacher")
+        try:
+            build_train_views(teacher.teacher.augment.jda, teacher.seed)
+        except KdtoolError as exc:
+            raise KdtoolError(f"sweep teacher {directory.name}: {exc}") from None
     for cell, recipe in zip(plan.cells, plan.recipes):
+        if sweep_dir is not None:
+            check_leftovers(Path(sweep_dir) / cell.name, "sweep cell")
         twin = cell_of_recipe.setdefault(dump_recipe(recipe), cell)
         if twin is not cell:
             raise KdtoolError(f"sweep cells {twin.name} and {cell.name} resolve to the same recipe "
                               f"(a grid value given twice?); give each value once")
         try:
-            for what, identity, build in _parts_to_build(recipe):
+            data_key = _canonical(recipe.data.model_dump())
+            if data_key not in infos:
+                infos[data_key] = check_data(recipe.data).info
+            for what, identity, check in _parts_to_check(recipe, planned, infos[data_key]):
                 key = f"{what}:{_canonical(identity)}"
-                if key not in built:
-                    built[key] = build()
-            weights = recipe.teacher.weights
-            if weights not in planned and f"weights:{weights}" not in built:
-                num_classes = built[f"data:{_canonical(recipe.data.model_dump())}"]
-                build_model(recipe.teacher.name, num_classes, weights, image_size=recipe.data.image_size)
-                built[f"weights:{weights}"] = True
+                if key not in done:
+                    check()
+                    done.add(key)
         except KdtoolError as exc:
             raise KdtoolError(f"sweep cell {cell.name}: {exc}") from None
+
+
+def check_leftovers(directory: Path, what: str) -> None:
+    """Refuse, before anything trains, a cell's or teacher's directory whose checkpoints a killed run left
+    broken (a dangling `last`/`best`, `best` without `last`), with advice a sweep can follow."""
+    links = {which: Path(directory) / which for which in (LAST, BEST)}
+    broken = [link for link in links.values() if link.is_symlink() and not link.exists()]
+    if not broken and links[BEST].exists() and not links[LAST].exists():
+        broken = [links[LAST]]
+    if broken:
+        raise KdtoolError(f"{what} directory {directory}: {broken[0]} is missing or a broken link (a run killed while "
+                          f"writing it?); remove {directory} to train that {what} again, or restore the checkpoint")
 
 
 # ------------------------------------------------------------------ running
@@ -398,7 +453,7 @@ def run_sweep(recipe_path, grid: Mapping, seeds: int, overrides=(), out: Optiona
     sweep_dir = Path(out) if out is not None else Path("runs") / f"{base.name}-sweep"
     teacher_home = Path(teacher_home) if teacher_home is not None else sweep_dir
     plan = plan_sweep(recipe_path, grid, seeds, overrides, teacher_home)
-    check_plan(plan)
+    check_plan(plan, sweep_dir)
     for directory in dict.fromkeys([sweep_dir, teacher_home]):
         check_run_target(directory, kind=SWEEP_KIND)
     with run_lock(sweep_dir):
@@ -515,7 +570,7 @@ class SweepSpec(BaseModel):
     recipe: str = Field(..., min_length=1, description="base recipe, relative to the spec file")
     out: str = Field(..., min_length=1, description="sweep directory, relative to the working directory")
     teacher_home: Optional[str] = Field(None, min_length=1, description="sweep directory holding shared teachers")
-    seeds: int = Field(1, ge=1, le=1000)
+    seeds: int = Field(1, ge=1, le=MAX_SEEDS)
     set: dict[str, Any] = Field(default_factory=dict, description="fixed overrides, key.path: value")
     grid: dict[str, Union[list[Any], dict[str, dict[str, Any]]]] = Field(..., min_length=1)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="where the cells run")
@@ -539,6 +594,18 @@ def load_spec(path) -> SweepSpec:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:
         raise KdtoolError(f"{path}: {validation_message(exc)}") from None
+
+
+def refuse_spec_as_recipe(path) -> None:
+    """Refuse a sweep spec file given where a recipe is expected (``kdtool sweep SPEC --grid ...``): its
+    grid, seeds and base recipe would be read as recipe keys."""
+    try:
+        data = read_yaml_file(path, "recipe")  # never opens a FIFO
+    except RecipeError:
+        return  # loading it as a recipe says why in its own words
+    if isinstance(data, dict) and "teacher" not in data and ("grid" in data or "recipe" in data):
+        raise KdtoolError(f"{path} is a sweep spec, not a recipe: its grid is in the file; drop --grid "
+                          f"(or give a recipe with --grid)")
 
 
 def run_spec(spec_path, *, seeds: Optional[int] = None, overrides=(), out: Optional[Path] = None,

@@ -70,3 +70,18 @@ def test_registry_membership_is_a_question_not_an_error():
     from kdtool.models import MODELS
 
     assert "resnet8" in MODELS and "resnet9000" not in MODELS
+
+
+def test_a_local_copy_of_pretrained_weights_gives_a_student_a_fresh_classifier(tmp_path):
+    """A 1000-class file for a 10-class student: the features load, the classifier starts afresh (as from the
+    cache); a teacher, or a file of another architecture, is still refused."""
+    reference = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18-1000.safetensors"
+    save_file(reference.state_dict(), str(path))
+    student = build_model("resnet18", 10, str(path), new_head=True)
+    assert student.fc.out_features == 10 and torch.equal(student.conv1.weight, reference.conv1.weight)
+    assert torch.equal(student.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    with pytest.raises(KdtoolError, match=r"does not fit the model: shape mismatch at fc.weight"):
+        build_model("resnet18", 10, str(path))  # a teacher must predict the dataset's classes
+    with pytest.raises(KdtoolError, match="does not fit the model"):
+        build_model("resnet34", 10, str(path), new_head=True)

@@ -119,6 +119,47 @@ def test_pretrained_not_cached_offline_is_one_line_with_what_to_do(hf_cache):
     assert "hf download timm/test_resnet.r160_in1k" in message and "local .safetensors" in message
 
 
+def test_a_local_copy_of_pretrained_weights_gives_a_student_a_fresh_classifier(tmp_path):
+    reference = timm.create_model("test_resnet.r160_in1k", num_classes=1000)
+    path = tmp_path / "test_resnet-1000.safetensors"
+    save_file(reference.state_dict(), str(path))
+    student = build_model(TINY, 10, str(path), new_head=True)
+    assert student.get_classifier().out_features == 10 and _equal_states(student, reference, skip="fc.")
+    with pytest.raises(KdtoolError, match="does not fit the model"):
+        build_model(TINY, 10, str(path))  # a teacher must predict the dataset's classes
+
+
+@pytest.mark.parametrize("name", ["timm:../x", "timm:", "timm:resnet18/../../x", "timm:resnet18.a1_in1k.x", "timm: resnet18"])
+def test_a_name_that_is_not_a_timm_name_says_so(name):
+    with pytest.raises(KdtoolError, match=r"is not a timm model name: use timm:<architecture>\[\.<tag>\]"):
+        check_model_name(name)
+
+
+def test_a_failed_download_is_one_line_without_the_hub_retry_warnings(monkeypatch, tmp_path):
+    """Online but unreachable: huggingface_hub retries with a warning each time; kdtool says it once."""
+    import logging
+
+    http = pytest.importorskip("huggingface_hub.utils._http")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    # Nothing listens on port 9 here: every request is refused at once (huggingface_hub 1.x/2.x read the template).
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(http.time, "sleep", lambda seconds: None)  # its backoff between retries
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_logger.addHandler(handler)
+    try:
+        with pytest.raises(KdtoolError, match="download failed") as error:
+            build_model(TINY, 10, "pretrained", new_head=True)
+    finally:
+        hub_logger.removeHandler(handler)
+    assert "\n" not in str(error.value)
+    assert not [w for w in warnings if "Retrying" in w or "thrown while requesting" in w], warnings[:3]
+
+
 def test_timm_student_exports_to_onnx_and_verifies(tmp_path):
     """The exporter's own export and verification, at the recipe's default tolerances and batch sizes."""
     from kdtool.export.onnx_export import export_onnx, ort_session, torch_logits, verify_logits

@@ -211,7 +211,6 @@ class JointAugment:
         self._check(images, params, images.dtype == torch.uint8, "uint8")
         # One device->host copy of the draws per batch; row indices go back asynchronously.
         fire, variant = params.fire.cpu().numpy(), params.variant.cpu().numpy()
-        touched = fire.any(1)
         return self._touched_rows(images.contiguous().clone(), None, fire, variant)[0]
 
     def apply_canvas(self, canvas: torch.Tensor, hw: np.ndarray, params: JDAParams) -> tuple[torch.Tensor, np.ndarray]:
@@ -231,7 +230,6 @@ class JointAugment:
     def _touched_rows(self, out: torch.Tensor, hw: np.ndarray | None, fire: np.ndarray,
                       variant: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
         """The chain on the rows of `out` (owned) on which an op fires; the others stay as they are."""
-        touched = fire.any(1)
         if touched.all():
             return self._run_chain(out, fire, variant, hw)
         if touched.any():

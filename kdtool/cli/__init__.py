@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from kdtool.cli.common import debug_option
+from kdtool.cli.common import OneLineErrors, debug_option
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kdtool")
 @debug_option
 def cli():

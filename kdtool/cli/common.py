@@ -101,6 +101,42 @@ def configure_logging(debug: bool = False) -> None:
         logger.addHandler(_StderrHandler())
 
 
+# Asking for nothing shows the help (Click >= 8.2 raises this usage error for it): not an error to shorten.
+_HELP_REQUESTS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _UsageLine(click.ClickException):
+    """A Click parameter or usage error, shown as one line (no usage block) with exit code 2."""
+
+    exit_code = 2
+
+
+def _one_line_usage(error: click.UsageError) -> click.UsageError | _UsageLine:
+    """`error` as one line naming the command, with where to look for help."""
+    if isinstance(error, _HELP_REQUESTS):
+        return error
+    message = " ".join(line.strip() for line in error.format_message().splitlines() if line.strip())
+    where = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+    return _UsageLine(_printable(message.rstrip(".") + where, keep_newlines=False))
+
+
+class OneLineErrors(click.Group):
+    """A command group whose parameter errors (bad option values, unknown options, missing arguments), for
+    itself and every command under it, are one line and exit 2, like every other bad input."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _one_line_usage(error) from None
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:  # a sub-command's parameters, parsed when it is invoked
+            raise _one_line_usage(error) from None
+
+
 def _set_debug(ctx: click.Context, _param, value: bool):
     if value:
         ctx.meta["kdtool.debug"] = True

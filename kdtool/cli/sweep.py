@@ -14,7 +14,8 @@ from kdtool.cli.common import debug_option, handle_errors, set_option
               help="With a RECIPE: a recipe key and the values to try, typed as YAML (repeatable; the grid is "
                    "their product).")
 @click.option("--seeds", type=click.IntRange(min=1), default=None,
-              help="Runs per combination, with seeds recipe seed, seed + 1, ... (default: the spec's, or 1).")
+              help="Runs per combination (at most 1000), with seeds recipe seed, seed + 1, ... (default: the spec's, "
+                   "or 1).")
 @set_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Sweep directory (default: the spec's out, or runs/<recipe name>-sweep).")
@@ -45,10 +46,11 @@ def sweep(source, grid_specs, seeds, overrides, out, executor, address, progress
             --grid augment.jda.p=0,0.3 --seeds 3
     """
     from kdtool.errors import CheckFailed
-    from kdtool.sweep import FAILED, TABLE_MD, executor_config, parse_grid, run_spec, run_sweep
+    from kdtool.sweep import FAILED, TABLE_MD, executor_config, parse_grid, refuse_spec_as_recipe, run_spec, run_sweep
 
     settings = {key: value for key, value in (("name", executor or (address and "ray")), ("address", address)) if value}
     if grid_specs:
+        refuse_spec_as_recipe(source)
         rows = run_sweep(source, parse_grid(grid_specs), seeds or 1, overrides, out, progress,
                          executor=executor_config(settings))
     else:

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
-from kdtool.cli.common import debug_option, handle_errors, is_main_process, read_recipe, recipe_options, set_option
+from kdtool.cli.common import (
+    OneLineErrors, debug_option, handle_errors, is_main_process, read_recipe, recipe_options, set_option,
+)
 
 
 @click.command()
@@ -23,9 +25,17 @@ def distill(recipe_path, overrides, seed, out, resume, overwrite, progress):
     from kdtool.train import distill as run_distill
 
     recipe = read_recipe(recipe_path, overrides, seed)
+    _warn_unused(recipe)
     run_dir = out or Path("runs") / recipe.name
     summary = run_distill(recipe, run_dir, resume=resume, overwrite=overwrite, progress=progress)
     _print_summary(summary)
+
+
+def _warn_unused(recipe) -> None:
+    from kdtool.preflight import unused_settings
+
+    for note in unused_settings(recipe):
+        click.secho(f"Warning: unused setting {note}", fg="yellow", err=True)
 
 
 def _print_summary(summary: dict) -> None:
@@ -62,6 +72,7 @@ def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
     from kdtool.export import bundle_dir_for, export_bundle
 
     recipe = read_recipe(recipe_path, overrides, seed)
+    _warn_unused(recipe)
     run_dir = out or Path("runs") / recipe.name
     bundle_dir = bundle_dir_for(recipe)
     if recipe.export.enabled and (bundle_dir.exists() or bundle_dir.is_symlink()) and not overwrite:
@@ -79,7 +90,7 @@ def run(recipe_path, overrides, seed, out, resume, overwrite, progress):
             bench_and_print(bundle, progress=progress)
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 def recipe():
     """Inspect recipes."""
 
@@ -90,16 +101,27 @@ def recipe():
 @debug_option
 @handle_errors
 def recipe_check(recipe_path, overrides):
-    """Validate RECIPE and print it resolved (defaults filled in, overrides and ${ENV} applied),
-    then, as YAML comments, which input normalisation each model gets and why."""
+    """Check RECIPE as distill does before it trains (data read, models built with their weights and run
+    on one batch of the input size, method, JDA views), then print it resolved (defaults filled in,
+    overrides and ${ENV} applied) and, as YAML comments, which input normalisation each model gets and
+    why, and the settings nothing reads. Prints nothing but the error when the recipe is not valid."""
+    from kdtool.preflight import preflight, unused_settings
     from kdtool.preprocess import describe_normalization
     from kdtool.recipe import dump_recipe, load_recipe
+    from kdtool.train.tracking import check_trackers
 
     resolved = load_recipe(recipe_path, overrides)
+    checked = preflight(resolved)  # what distill checks before it trains; nothing is printed unless it passes
+    check_trackers(resolved.runtime.log_with)
     click.echo(dump_recipe(resolved), nl=False)
     click.echo("# normalisation (the recipe's, else the pretrained weights', else the dataset's):")
-    for line in describe_normalization(resolved):
+    for line in describe_normalization(resolved, checked.datasets.info):
         click.echo(f"#   {line}")
+    unused = unused_settings(resolved)
+    if unused:
+        click.echo("# set, but nothing reads them:")
+        for line in unused:
+            click.echo(f"#   {line}")
     click.echo(f"# JDA views of images of differing sizes: {_view_device_line(resolved)}")
 
 

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Optional
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 
 from kdtool.augment import TrainViews, build_train_views
-from kdtool.data import Datasets, build_datasets
+from kdtool.data import Datasets
 from kdtool.errors import KdtoolError
 from kdtool.io import write_json_atomic
 from kdtool.losses import LossFn, build_loss
-from kdtool.models import build_model
+from kdtool.preflight import preflight
 from kdtool.preprocess import normalization_plan, teacher_on_student_inputs, with_normalization
 from kdtool.recipe import MethodConfig, Recipe, dump_recipe, load_recipe, save_recipe
 from kdtool.rundir import (
@@ -36,7 +35,7 @@ from kdtool.rundir import (
     is_finished, load_student, load_teacher, read_state, run_lock,
 )
 from kdtool.train.loop import FitResult, evaluate, fit, train_one_epoch
-from kdtool.train.setup import build_accelerator, build_optimizer, lr_factor
+from kdtool.train.setup import build_accelerator, build_optimizer, discarded_unless_checkpointed, lr_factor
 from kdtool.train.signals import StopRequest, stop_on_signals
 from kdtool.train.state import TrainState
 from kdtool.train.step import Teacher, TrainStep
@@ -107,28 +106,25 @@ def distill(recipe: Recipe, run_dir: Path, *, resume: bool = False, overwrite: b
     """The distil stage: train the teacher if needed, then the student. Returns the run summary."""
     run_dir = Path(run_dir)
     # Everything that can be wrong with the input is checked before the run directory is touched.
-    datasets = build_datasets(recipe.data)
-    set_seed(recipe.seed)  # model initialisation depends on the seed alone
-    info = datasets.info
-    # A student may start from pretrained features for other classes (a fresh classifier); a teacher may not.
-    student = build_model(recipe.student.name, info.num_classes, recipe.student.weights, new_head=True,
-                          image_size=info.image_size)
-    teacher = build_model(recipe.teacher.name, info.num_classes, recipe.teacher.weights, image_size=info.image_size)
-    loss_fn, needs_teacher = build_loss(recipe.method, recipe.train.label_smoothing)
-    train_views = build_train_views(recipe.augment.jda, recipe.seed)
+    checked = preflight(recipe)
+    datasets, student, teacher = checked.datasets, checked.student, checked.teacher
+    loss_fn, needs_teacher, train_views = checked.loss_fn, checked.needs_teacher, checked.train_views
     accelerator = accelerator or build_accelerator(recipe.runtime, run_dir)
     if accelerator.is_main_process:
         check_run_target(run_dir)  # before the lock file is created in it
+    made = not (run_dir.exists() or run_dir.is_symlink())
     with run_lock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
         if accelerator.is_main_process:
             prepare_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
-        accelerator.wait_for_everyone()
-        resumed_at = _tracker_resume_step(run_dir, recipe) if resume else None
-        with tracking(accelerator, recipe.name, recipe.model_dump(mode="json"), resumed_at):
-            teacher_spec = Teacher(teacher, in_loss=needs_teacher, sees_views=recipe.augment.jda.teacher_sees_views)
-            with stop_on_signals() as stop:  # one request from the teacher's first step to the student's last
-                summary = _train_stages(recipe, datasets, run_dir, accelerator, student, teacher_spec, loss_fn,
-                                        train_views, stop, resume=resume, progress=progress)
+        fresh = accelerator.is_main_process and not resume
+        with discarded_unless_checkpointed(run_dir, made=made) if fresh else contextlib.nullcontext():
+            accelerator.wait_for_everyone()
+            resumed_at = _tracker_resume_step(run_dir, recipe) if resume else None
+            with tracking(accelerator, recipe.name, recipe.model_dump(mode="json"), resumed_at):
+                teacher_spec = Teacher(teacher, in_loss=needs_teacher, sees_views=recipe.augment.jda.teacher_sees_views)
+                with stop_on_signals() as stop:  # one request from the teacher's first step to the student's last
+                    summary = _train_stages(recipe, datasets, run_dir, accelerator, student, teacher_spec, loss_fn,
+                                            train_views, stop, resume=resume, progress=progress)
         if accelerator.is_main_process:
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
         return summary

@@ -1,6 +1,7 @@
 """Building blocks of a training run: the Accelerator, the optimizer, the learning-rate schedule, per-epoch seeds."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -11,6 +12,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch import nn
 
 from kdtool.recipe import OptimizerConfig, RuntimeConfig, TrainConfig
+from kdtool.rundir import CHECKPOINTS_DIR, LOCK_FILE, MARKER_FILE, TEACHER_DIR, clear_run
 from kdtool.train.tracking import LOGS_DIR, check_trackers
 
 
@@ -69,3 +71,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed every RNG is reset to at the start of `epoch`: the state there depends on (seed, epoch) alone."""
     return (seed * 1000 + epoch) % 2**32  # numpy's seed range; seeds below ~4.3M map as before
+
+
+def _holds_checkpoints(run_dir: Path) -> bool:
+    return any((directory / CHECKPOINTS_DIR).exists() for directory in (run_dir, run_dir / TEACHER_DIR))
+
+
+@contextlib.contextmanager
+def discarded_unless_checkpointed(run_dir: Path, *, made: bool):
+    """A fresh run in `run_dir` (created, or emptied by --overwrite, by this process, which holds its lock)
+    that stops before its first checkpoint leaves nothing behind: bad data found by the first batch, a
+    loss that is not finite at once. The directory is emptied, and removed when this run made it, so
+    the corrected retry is not refused as an existing run."""
+    try:
+        yield
+    except BaseException:
+        if not _holds_checkpoints(run_dir):
+            clear_run(run_dir)  # keeps only the lock and the marker
+            if made:
+                for name in (MARKER_FILE, LOCK_FILE):
+                    (run_dir / name).unlink(missing_ok=True)
+                run_dir.rmdir()  # the lock is released when its handle closes; the file is gone already
+        raise

@@ -148,6 +148,21 @@ FAULTS = {
                       "export and to `--resume`, CIFAR-100's files, a bundle's manifest and reference arrays, the "
                       "INT8 calibration cache, TensorRT's timing cache and engine",
                       "the file never runs code (no marker file); exit 2 with one line", "test_no_unpickle.py"),
+    "preflight": Fault("recipes that only training would have found wrong: a timm teacher or student that cannot "
+                       "take the input size, a model or data too large for memory, an unknown JDA policy (used "
+                       "or not), warm-up past the last epoch, settings nothing reads, a missing pretrained tag or "
+                       "download, `timm:../x`; the same in every sweep cell (also grids of mappings, a teacher "
+                       "override that changes nothing, cells and teachers a killed run left broken); bad data "
+                       "found by the first batch",
+                       "`distill`, `run`, `recipe check` and `sweep` refuse it alike before anything trains: one "
+                       "line naming key, model and size, exit 2, nothing printed or left behind (a retry needs no "
+                       "`--overwrite`); unused settings listed; one teacher per distinct teacher",
+                       "test_preflight.py"),
+    "cli_errors": Fault("careless command lines: unknown commands and options, missing arguments, bad option "
+                        "values (`--seeds 0`, huge `--seeds` or grids), a recipe or spec that is a directory, a "
+                        "FIFO, a broken link or unreadable, a sweep spec given with `--grid`",
+                        "one line naming the option or path, exit 2; no usage block, no traceback, nothing read "
+                        "from a FIFO", "test_cli_errors.py"),
 }
 
 
