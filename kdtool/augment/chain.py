@@ -230,6 +230,7 @@ class JointAugment:
     def _touched_rows(self, out: torch.Tensor, hw: np.ndarray | None, fire: np.ndarray,
                       variant: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
         """The chain on the rows of `out` (owned) on which an op fires; the others stay as they are."""
+        touched = fire.any(1)
         if touched.all():
             return self._run_chain(out, fire, variant, hw)
         if touched.any():
