@@ -160,7 +160,7 @@ def _unused_in_views(jda: JDAConfig, prefix: str) -> list[str]:
 def unused_settings(recipe: Recipe) -> list[str]:
     """Settings given a non-default value that nothing reads, each with why (`recipe check` lists them,
     distill warns): the training of a teacher that has weights, JDA settings with JDA off, schedule
-    settings of another schedule, distillation settings of vanilla."""
+    settings of another schedule."""
     notes = []
     teacher = recipe.teacher
     if teacher.weights is not None:
@@ -175,8 +175,4 @@ def unused_settings(recipe: Recipe) -> list[str]:
     notes += [f"{key}: augment.jda.policy is null" for key in _unused_in_views(recipe.augment.jda, "augment.jda")]
     notes += [f"{key}: train.schedule.name is {recipe.train.schedule.name}" for key in
               _unused_in_schedule(recipe.train.schedule, "train.schedule")]
-    if recipe.method.name == "vanilla":
-        shared = type(recipe.method).model_fields.keys() - {"name"}
-        notes += [f"{key}: method vanilla is cross-entropy alone" for key in
-                  _changed(recipe.method, sorted(shared), "method")]
-    return notes
+    return notes  # a method setting the chosen method does not read is refused by the recipe schema

@@ -407,10 +407,13 @@ def test_accelerator_decoding_is_refused_where_it_has_no_effect(tmp_path, cli_ru
     recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
     line = one_line_error(cli_runner("recipe", "check", recipe, "--set", "data.decode=accelerator"))
     assert "decode" in line and "'digits'" in line, line
-    folder = ["--set", "data.name=imagefolder", "--set", f"data.root={tmp_path}", "--set", "data.decode=accelerator"]
+    root = write_decode_folder(tmp_path / "images")
+    folder = ["--set", "data.name=imagefolder", "--set", f"data.root={root}", "--set", "data.decode=accelerator",
+              "--set", "data.batch_size=4"]
     line = one_line_error(cli_runner("recipe", "check", recipe, *folder, "--set", "augment.jda.device=loader"))
     assert "data.decode" in line and "augment.jda.device: loader" in line, line
-    assert cli_runner("recipe", "check", recipe, *folder, "--set", "augment.jda.device=accelerator").exit_code == 0
-    _, train = _decode_train(write_decode_folder(tmp_path / "images"))
+    result = cli_runner("recipe", "check", recipe, *folder, "--set", "augment.jda.device=accelerator")
+    assert result.exit_code == 0, result.output
+    _, train = _decode_train(root)
     with pytest.raises(KdtoolError, match="data.decode: accelerator needs the JDA views made on the accelerator"):
         SeededSamples(train, 0, TrainViews(None, 0, 0, "loader").loader_views("cpu"))

@@ -70,7 +70,7 @@ def test_method_settings_live_with_the_method():
 
 
 def test_the_methods_table_fills_the_chosen_method_and_the_method_section_wins():
-    table = ["methods.dkd={temperature: 1, nckd_weight: 0.5}", "methods.dist={temperature: 1}"]
+    table = ["methods.dkd={temperature: 1, nckd_weight: 0.5, warmup_epochs: 1}", "methods.dist={temperature: 1}"]
     recipe = load_recipe(QUICKSTART, [*table, "method.name=dkd"])
     assert (recipe.method.temperature, recipe.method.nckd_weight, recipe.method.tckd_weight) == (1.0, 0.5, 1.0)
     assert load_recipe(QUICKSTART, [*table, "method.name=dkd", "method.temperature=3"]).method.temperature == 3.0
