@@ -61,6 +61,7 @@ from kdtool.rundir import BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target,
 from kdtool.sweep_executors import (
     EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config, finished_summary,
 )
+from kdtool.tables import markdown_table
 
 RESULTS_FILE = "results.csv"
 TABLE_MD = "table.md"
@@ -496,13 +497,10 @@ def write_reports(rows: list[dict], keys: list[str], sweep_dir: Path) -> None:
     table = summarise(rows, keys)
     _write_csv(sweep_dir / RESULTS_FILE, rows)
     _write_csv(sweep_dir / TABLE_CSV, table)
-    header = [*keys, "n", *METRICS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in table:
-        n = f"{entry['n']} + {entry['failed']} failed" if entry["failed"] else str(entry["n"])
-        cells = [_show(entry[k]) for k in keys] + [n]
-        cells += [f"{_fmt(entry[m + '_mean'])} ± {_fmt(entry[m + '_std'])}" for m in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [[_show(entry[k]) for k in keys]
+             + [f"{entry['n']} + {entry['failed']} failed" if entry["failed"] else str(entry["n"])]
+             + [f"{_fmt(entry[m + '_mean'])} ± {_fmt(entry[m + '_std'])}" for m in METRICS] for entry in table]
+    lines = [markdown_table([*keys, "n", *METRICS.values()], cells)]
     failed = [row for row in rows if row.get("status") == FAILED]
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- {Path(row['run_dir']).name}: {row['reason']}" for row in failed]
