@@ -37,6 +37,7 @@ import csv
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import statistics
@@ -46,7 +47,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tqdm.auto import tqdm
 
 from kdtool.augment import build_train_views
 from kdtool.data import DataInfo
@@ -63,6 +63,7 @@ from kdtool.sweep_executors import (
 )
 from kdtool.tables import markdown_table
 
+log = logging.getLogger(__name__)
 RESULTS_FILE = "results.csv"
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
@@ -406,24 +407,21 @@ def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress
     reports (the cells finished so far, in grid order). The rows of every cell, in grid order."""
     teachers, cells = sweep_jobs(plan, sweep_dir)
     outcomes: dict[int, Outcome] = {}
-    bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
 
-    def report(outcome: Outcome) -> None:
+    def report(outcome: Outcome) -> None:  # one line per finished cell: a log file gets no progress bar
         outcomes[outcome.index] = outcome
-        bar.update()
         name = cells[outcome.index].name
         if outcome.failed:
-            tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: FAILED: {outcome.reason}")
+            log.warning("[%d/%d] %s: FAILED: %s", len(outcomes), len(cells), name, outcome.reason)
         else:
             shown = ", ".join(f"{label}={_fmt(_metric(outcome.result, m))}" for m, label in METRICS.items())
-            tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: {shown} ({outcome.what})")
+            log.info("[%d/%d] %s: %s (%s)", len(outcomes), len(cells), name, shown, outcome.what)
         rows = [_row(plan.cells[i], outcomes[i], cells[i].run_dir) for i in sorted(outcomes)]
         write_reports(rows, keys, sweep_dir)
 
     for job in cells:  # before anything runs: a stale cell of another sweep is bad input, not a failed cell
         finished_summary(job.recipe, job.run_dir)
     EXECUTORS[executor.name](teachers, cells, executor, progress, report)
-    bar.close()
     return [_row(cell, outcomes[i], job.run_dir) for i, (cell, job) in enumerate(zip(plan.cells, cells))]
 
 
