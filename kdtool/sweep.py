@@ -37,6 +37,7 @@ import csv
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import statistics
@@ -46,7 +47,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tqdm.auto import tqdm
 
 from kdtool.augment import build_train_views
 from kdtool.data import DataInfo
@@ -61,7 +61,9 @@ from kdtool.rundir import BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target,
 from kdtool.sweep_executors import (
     EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config, finished_summary,
 )
+from kdtool.tables import markdown_table
 
+log = logging.getLogger(__name__)
 RESULTS_FILE = "results.csv"
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
@@ -405,24 +407,21 @@ def execute(plan: SweepPlan, sweep_dir: Path, executor: ExecutorConfig, progress
     reports (the cells finished so far, in grid order). The rows of every cell, in grid order."""
     teachers, cells = sweep_jobs(plan, sweep_dir)
     outcomes: dict[int, Outcome] = {}
-    bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True, disable=not progress)
 
-    def report(outcome: Outcome) -> None:
+    def report(outcome: Outcome) -> None:  # one line per finished cell: a log file gets no progress bar
         outcomes[outcome.index] = outcome
-        bar.update()
         name = cells[outcome.index].name
         if outcome.failed:
-            tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: FAILED: {outcome.reason}")
+            log.warning("[%d/%d] %s: FAILED: %s", len(outcomes), len(cells), name, outcome.reason)
         else:
             shown = ", ".join(f"{label}={_fmt(_metric(outcome.result, m))}" for m, label in METRICS.items())
-            tqdm.write(f"[{len(outcomes)}/{len(cells)}] {name}: {shown} ({outcome.what})")
+            log.info("[%d/%d] %s: %s (%s)", len(outcomes), len(cells), name, shown, outcome.what)
         rows = [_row(plan.cells[i], outcomes[i], cells[i].run_dir) for i in sorted(outcomes)]
         write_reports(rows, keys, sweep_dir)
 
     for job in cells:  # before anything runs: a stale cell of another sweep is bad input, not a failed cell
         finished_summary(job.recipe, job.run_dir)
     EXECUTORS[executor.name](teachers, cells, executor, progress, report)
-    bar.close()
     return [_row(cell, outcomes[i], job.run_dir) for i, (cell, job) in enumerate(zip(plan.cells, cells))]
 
 
@@ -496,13 +495,10 @@ def write_reports(rows: list[dict], keys: list[str], sweep_dir: Path) -> None:
     table = summarise(rows, keys)
     _write_csv(sweep_dir / RESULTS_FILE, rows)
     _write_csv(sweep_dir / TABLE_CSV, table)
-    header = [*keys, "n", *METRICS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry in table:
-        n = f"{entry['n']} + {entry['failed']} failed" if entry["failed"] else str(entry["n"])
-        cells = [_show(entry[k]) for k in keys] + [n]
-        cells += [f"{_fmt(entry[m + '_mean'])} ± {_fmt(entry[m + '_std'])}" for m in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [[_show(entry[k]) for k in keys]
+             + [f"{entry['n']} + {entry['failed']} failed" if entry["failed"] else str(entry["n"])]
+             + [f"{_fmt(entry[m + '_mean'])} ± {_fmt(entry[m + '_std'])}" for m in METRICS] for entry in table]
+    lines = [markdown_table([*keys, "n", *METRICS.values()], cells)]
     failed = [row for row in rows if row.get("status") == FAILED]
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- {Path(row['run_dir']).name}: {row['reason']}" for row in failed]

@@ -6,6 +6,7 @@ import math
 from kdtool.errors import CheckFailed
 from kdtool.evaluate import classification_metrics
 from kdtool.recipe import GateConfig
+from kdtool.tables import text_table
 
 
 class GateFailed(CheckFailed):
@@ -73,8 +74,6 @@ def _failure(row: dict, metric: str, value: float, limit: str) -> dict:
 
 def format_failures(failures: list[dict]) -> str:
     """A plain-text table of gate failures (the CheckFailed message)."""
-    header = ("artefact", "runtime", "metric", "value", "limit")
-    cells = [header] + [(f["artefact"], f["runtime"], f["metric"], f"{f['value']:.2f}", f["limit"]) for f in failures]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
-    return f"accuracy gate failed ({len(failures)} check{'s' if len(failures) != 1 else ''}):\n" + "\n".join(lines)
+    rows = [(f["artefact"], f["runtime"], f["metric"], f"{f['value']:.2f}", f["limit"]) for f in failures]
+    table = text_table(("artefact", "runtime", "metric", "value", "limit"), rows)
+    return f"accuracy gate failed ({len(failures)} check{'s' if len(failures) != 1 else ''}):\n{table}"

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from kdtool.io import atomic_path, write_json_atomic, write_text_atomic
+from kdtool.tables import markdown_table
 
 SCHEMA = "kdtool.bench/1"
 TIMING_COLUMNS = ("artefact", "precision", "runtime", "ran on", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
@@ -152,12 +153,6 @@ def _fastest_cells(report: dict) -> list[tuple[str, ...]]:
              _fmt(row["next_p50_ms"], 3), f"{row['speedup']:.2f}x") for row in report["fastest"]]
 
 
-def _markdown_table(columns, rows) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render_markdown(report: dict) -> str:
     """report.md: environment, timing, accuracy, gate and skipped cases as tables."""
     env, settings, gate = report["environment"], report["settings"], report["gate"]
@@ -170,34 +165,34 @@ def render_markdown(report: dict) -> str:
         f"{amount} per case after {settings['warmup']} warm-up, {settings['threads']} threads, "
         f"accuracy on {settings['data']['description']}.",
         "## Versions",
-        _markdown_table(("package", "version"), [(k, v) for k, v in env["versions"].items() if v]),
+        markdown_table(("package", "version"), [(k, v) for k, v in env["versions"].items() if v]),
         "## Timing",
-        _markdown_table(TIMING_COLUMNS, _timing_cells(report)),
+        markdown_table(TIMING_COLUMNS, _timing_cells(report)),
         "## Fastest runtime per artefact and batch size",
         "Where two or more runtimes ran an artefact: the lowest median (p50) latency on this machine, and how many "
         "times faster it was than the next.",
-        _markdown_table(FASTEST_COLUMNS, _fastest_cells(report)),
+        markdown_table(FASTEST_COLUMNS, _fastest_cells(report)),
         "## Accuracy",
         "Top-1/top-5 and agreement in %, drop in points vs the float student (PyTorch), KL = mean KL(teacher || model).",
-        _markdown_table(ACCURACY_COLUMNS, _accuracy_cells(report)),
+        markdown_table(ACCURACY_COLUMNS, _accuracy_cells(report)),
         "## Gate",
         f"**{gate_verdict(gate)}**. Limits: max top-1 drop per precision "
         f"{gate['max_top1_drop']}, min agreement with the teacher {gate['min_teacher_agreement_pct']:g} %.",
     ]
     if gate["failures"]:
-        parts.append(_markdown_table(("artefact", "runtime", "metric", "value", "limit"),
+        parts.append(markdown_table(("artefact", "runtime", "metric", "value", "limit"),
                                      [(f["artefact"], f["runtime"], f["metric"], _fmt(f["value"]), f["limit"])
                                       for f in gate["failures"]]))
     parts += ["## Runtimes",
-              _markdown_table(("runtime", "available", "reason"),
+              markdown_table(("runtime", "available", "reason"),
                               [(r["name"], "yes" if r["available"] else "no", r["reason"] or "") for r in report["runtimes"]])]
     if report["failed"]:
         parts += ["## Failed (could not run on a runtime that serves them)",
-                  _markdown_table(("artefact", "runtime", "stage", "reason"),
+                  markdown_table(("artefact", "runtime", "stage", "reason"),
                                   [(f["artefact"], f["runtime"], f["stage"], f["reason"]) for f in report["failed"]])]
     if report["skipped"]:
         parts += ["## Skipped",
-                  _markdown_table(("artefact", "runtime", "batch", "reason"),
+                  markdown_table(("artefact", "runtime", "batch", "reason"),
                                   [(s["artefact"], s["runtime"], str(s.get("batch_size", "all")), s["reason"])
                                    for s in report["skipped"]])]
     return "\n\n".join(parts) + "\n"

@@ -52,12 +52,11 @@ def print_artefacts(bundle: Path) -> None:
     from kdtool.export import read_manifest
 
     manifest = read_manifest(bundle)
-    rows = [("artefact", "target", "file", "size", "check")]
-    for key, entry in manifest.artefacts.items():
-        rows.append((key, entry.target, entry.file, f"{entry.size_bytes / 1024:.0f} KiB", _figures(entry.verification)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    from kdtool.tables import text_table
+
+    rows = [(key, entry.target, entry.file, f"{entry.size_bytes / 1024:.0f} KiB", _figures(entry.verification))
+            for key, entry in manifest.artefacts.items()]
+    click.echo(text_table(("artefact", "target", "file", "size", "check"), rows))
     click.echo(f"reference set: {manifest.reference.count} {manifest.reference.split} images; bundle: {bundle}")
 
 

@@ -9,10 +9,10 @@ documents every manifest key.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import replace
 from importlib import metadata
@@ -49,6 +49,8 @@ from kdtool.rundir import run_recipe as _run_recipe
 
 INT8_SCHEMES = {"int8": "cpu", "int8_trt": "tensorrt"}  # artefact key -> scheme
 
+log = logging.getLogger(__name__)
+
 
 # ------------------------------------------------------------------ finding things
 def run_recipe(run_dir: Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -76,7 +78,7 @@ def _check_writable(target: Path) -> None:
 def _reporter(progress: bool):
     def say(message: str) -> None:
         if progress:
-            print(f"[export] {message}", file=sys.stderr, flush=True)
+            log.info("[export] %s", message)
     return say
 
 
