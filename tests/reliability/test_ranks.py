@@ -25,7 +25,9 @@ from runs import QUICKSTART, REPO, metrics, same_run, set_args, wait_for
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = ["teacher.name=resnet8", "teacher.train.epochs=1", "train.epochs=3", "data.image_size=8",
+# The teacher trains 2 epochs, so that its first checkpoint comes while the teacher stage still runs (the
+# SIGTERM test of the teacher stage signals then), with the student's 3 epochs after it.
+OVERRIDES = ["teacher.name=resnet8", "teacher.train.epochs=2", "train.epochs=3", "data.image_size=8",
              "data.train_fraction=0.1", "data.val_fraction=0.05", "data.batch_size=16", "runtime.threads=1"]
 # torch's channels-last BatchNorm kernel on the CPU computes its variance less exactly than the contiguous one
 # (max error 8.5e-5 vs 4.3e-6 against float64 on a batch of mean 3, std 0.05), and the difference grows over
