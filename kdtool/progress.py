@@ -1,7 +1,8 @@
 """Progress output for long loops that suits both a terminal and a log file.
 
 On a terminal, a live tqdm bar. Anywhere else (a cluster job's log, a pipe, a test runner) no
-carriage-return refreshes: one plain line every `every` steps and one at the end, e.g.
+carriage-return refreshes: one plain line every `every` steps (by default about 20 a loop, and at most
+one every MIN_SECONDS_BETWEEN_LINES, so a short epoch gets its last line only) and one at the end, e.g.
 ``student 3/200: 400/2502 (16%) loss=2.3141 lr=0.1 [61s, 6.5 it/s]``. Used by the training loop;
 export, bench and sweep loops can use it the same way (``for item in progress(items, ...)``).
 """
@@ -12,6 +13,7 @@ import time
 from typing import Iterable, Iterator, Optional, TextIO
 
 LINES_PER_LOOP = 20  # in a log, about this many lines per loop when `every` is not given
+MIN_SECONDS_BETWEEN_LINES = 10.0  # ... and no more than one line in this time (when `every` is not given)
 
 
 class Progress:
@@ -22,8 +24,10 @@ class Progress:
         self.iterable, self.desc, self.total, self.count, self._handed = iterable, desc, total, initial, initial
         self.enabled, self.stream = enabled, stream if stream is not None else sys.stderr
         self.every = every or max(1, (total or 100 * LINES_PER_LOOP) // LINES_PER_LOOP)
+        self.min_seconds = 0.0 if every else MIN_SECONDS_BETWEEN_LINES
         self.postfix: dict[str, str] = {}
         self._started, self._done_at_start, self._last_line = time.perf_counter(), initial, initial
+        self._last_line_at = self._started
         self._bar = None
         if enabled and _is_terminal(self.stream):
             from tqdm.auto import tqdm
@@ -37,7 +41,8 @@ class Progress:
             self.count += 1
             if self._bar is not None:
                 self._bar.update(1)
-            elif self.enabled and self.count - self._last_line >= self.every:
+            elif (self.enabled and self.count - self._last_line >= self.every
+                  and time.perf_counter() - self._last_line_at >= self.min_seconds):
                 self._line()
 
     def set_postfix(self, **values) -> None:
@@ -63,7 +68,7 @@ class Progress:
         of = f"/{self.total} ({100 * self.count // self.total}%)" if self.total else ""
         shown = "".join(f" {name}={value}" for name, value in self.postfix.items())
         print(f"{self.desc}: {self.count}{of}{shown} [{elapsed:.0f}s, {rate:.2f} it/s]", file=self.stream, flush=True)
-        self._last_line = self.count
+        self._last_line, self._last_line_at = self.count, time.perf_counter()
 
 
 def _is_terminal(stream: TextIO) -> bool:

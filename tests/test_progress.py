@@ -52,3 +52,18 @@ def test_a_loop_left_with_break_reports_its_last_step():
             break
     bar.close()
     assert log.getvalue().splitlines()[-1].startswith("student 1/1: 6/6 (100%)")
+
+
+def test_without_a_cadence_a_log_gets_at_most_one_line_per_interval(monkeypatch):
+    """A short epoch (steps much faster than the interval) writes its last line only, not ~20."""
+    log = io.StringIO()
+    bar = progress(range(200), desc="teacher 1/10", total=200, stream=log)
+    list(bar)
+    bar.close()
+    assert log.getvalue().splitlines() and len(log.getvalue().splitlines()) == 1, log.getvalue()
+    monkeypatch.setattr("kdtool.progress.MIN_SECONDS_BETWEEN_LINES", 0.0)
+    log = io.StringIO()
+    bar = progress(range(200), desc="teacher 1/10", total=200, stream=log)
+    list(bar)
+    bar.close()
+    assert len(log.getvalue().splitlines()) == 20, log.getvalue()
