@@ -91,5 +91,6 @@ def discarded_unless_checkpointed(run_dir: Path, *, made: bool):
             if made:
                 for name in (MARKER_FILE, LOCK_FILE):
                     (run_dir / name).unlink(missing_ok=True)
-                run_dir.rmdir()  # the lock is released when its handle closes; the file is gone already
+                with contextlib.suppress(OSError):  # a file that appeared meanwhile keeps it; the error stands
+                    run_dir.rmdir()  # the lock is released when its handle closes; the file is gone already
         raise
