@@ -89,8 +89,11 @@ def discarded_unless_checkpointed(run_dir: Path, *, made: bool):
         if not _holds_checkpoints(run_dir):
             clear_run(run_dir)  # keeps only the lock and the marker
             if made:
-                for name in (MARKER_FILE, LOCK_FILE):
-                    (run_dir / name).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):  # a file that appeared meanwhile keeps it; the error stands
-                    run_dir.rmdir()  # the lock is released when its handle closes; the file is gone already
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)  # the lock is released when its handle closes
+                # The marker goes last and only from an otherwise empty directory: a directory left with
+                # anything in it (a write that raced the stop) stays recognisably kdtool's, so a retry may replace it.
+                if [path.name for path in run_dir.iterdir()] == [MARKER_FILE]:
+                    (run_dir / MARKER_FILE).unlink()
+                    with contextlib.suppress(OSError):  # the original error is the one to report
+                        run_dir.rmdir()
         raise

@@ -224,5 +224,5 @@ def test_ctrl_c_cancels_outstanding_cells_and_keeps_finished_ones(tmp_path, faul
         assert all(not lock_holders(cell) for cell in cells), "a cancelled task still runs"
         rows = run_sweep(QUICKSTART, {"method.name": ["kd", "ccd"]}, seeds=3, overrides=ONE_THREAD, out=out,
                          progress=False)
-        assert all(row["status"] == "ok" for row in rows)
+        assert all(row["status"] == "ok" for row in rows), [(row["run_dir"], row["reason"]) for row in rows if row["status"] != "ok"]
         assert {name: (out / name / SUMMARY_FILE).read_text() for name in finished} == finished  # reused as they were
