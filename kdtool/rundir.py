@@ -105,10 +105,15 @@ def read_state(checkpoint: Path) -> dict:
     return read_json_object(Path(checkpoint) / STATE_FILE, "checkpoint state")
 
 
+def is_dangling(link: Path) -> bool:
+    """Whether `link` is a symlink whose target is gone (a checkpoint a killed or cleaned run lost)."""
+    return link.is_symlink() and not link.exists()
+
+
 def checkpoint_link(directory: Path, which: str) -> Path:
     """`directory/last` or `directory/best`, refused with one line when the link dangles."""
     link = Path(directory) / which
-    if link.is_symlink() and not link.exists():
+    if is_dangling(link):
         raise KdtoolError(f"{link} is a broken link (its checkpoint is gone); "
                           f"start again with --overwrite or restore the checkpoint")
     return link

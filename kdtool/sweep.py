@@ -57,7 +57,9 @@ from kdtool.preflight import check_data, check_model, check_views
 from kdtool.recipe import (
     Recipe, RecipeError, dump_recipe, load_recipe, parse_override, read_yaml_file, save_recipe,
 )
-from kdtool.rundir import BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_owned, run_lock
+from kdtool.rundir import (
+    BEST, LAST, RECIPE_FILE, SWEEP_KIND, check_run_target, claim, is_dangling, is_owned, run_lock,
+)
 from kdtool.sweep_executors import (
     EXECUTORS, FAILED, CellJob, ExecutorConfig, Outcome, TeacherJob, executor_config, finished_summary,
 )
@@ -354,7 +356,7 @@ def check_leftovers(directory: Path, what: str) -> None:
     """Refuse, before anything trains, a cell's or teacher's directory whose checkpoints a killed run left
     broken (a dangling `last`/`best`, `best` without `last`), with advice a sweep can follow."""
     links = {which: Path(directory) / which for which in (LAST, BEST)}
-    broken = [link for link in links.values() if link.is_symlink() and not link.exists()]
+    broken = [link for link in links.values() if is_dangling(link)]
     if not broken and links[BEST].exists() and not links[LAST].exists():
         broken = [links[LAST]]
     if broken:
